@@ -1,0 +1,31 @@
+"""hybridserve.models: architectures, weights and the one way to build a servable model.
+
+``create_model(architecture, weights=..., args=...)`` builds an ``nn.Module`` from an
+architecture reference and loads its weights. References:
+
+- ``hybridserve:<name>``  a built-in architecture of this project (see ``builtin.ARCHITECTURES``);
+- ``timm:<model_name>``    any timm model, built with ``pretrained=False``;
+- ``spandrel``             a restoration checkpoint whose architecture spandrel detects;
+- ``transformers:<kind>``  CvT, DETR and RT-DETR through Hugging Face transformers;
+- ``python:<module>:<factory>`` the operator's own code (a module name, or a ``.py`` file
+  relative to the spec).
+
+Task contracts every architecture follows (inputs are float tensors, NCHW):
+
+- classification: ``x`` normalised → logits ``(N, C)``;
+- detection: ``x`` normalised → ``(boxes (N, K, 4) xyxy in [0, 1] of the input, scores (N, K), labels (N, K))``;
+- restoration: ``x`` in [0, 1] → ``(N, C, H*s, W*s)`` in [0, 1];
+- iqa: no-reference ``x`` normalised → ``(N,)``; full-reference ``(reference, distorted)`` in [0, 1] → ``(N,)``.
+"""
+
+from hybridserve.models.factory import LoadedModel, WeightsMismatch, create_model
+from hybridserve.models.weights import UnsafeWeights, read_state_dict, resolve_weights
+
+__all__ = [
+    "LoadedModel",
+    "UnsafeWeights",
+    "WeightsMismatch",
+    "create_model",
+    "read_state_dict",
+    "resolve_weights",
+]

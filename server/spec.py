@@ -1,0 +1,198 @@
+"""ModelSpec: one YAML file per model, the declarative contract of a served model.
+
+A spec carries what timm's pretrained config carries (architecture, weights, the
+preprocessing contract, labels) and what Triton's model config carries (batching,
+replicas, placement, compile backend). Specs are frozen and reject unknown keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hybridserve_client.schemas import TASK_VERBS, Task
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Preprocessing(_Frozen):
+    input_size: tuple[int, int] | None = Field(
+        default=None, description="(height, width) the model expects; required unless the task tiles."
+    )
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    resize: Literal["stretch", "letterbox", "center_crop", "none"] = "stretch"
+    color: Literal["rgb", "gray"] = "rgb"
+    normalize: bool = Field(default=True, description="Apply mean/std (restoration models take [0, 1]).")
+    tile: Annotated[int, Field(ge=16, le=2048)] = Field(default=128, description="Restoration tile size (input pixels).")
+    tile_overlap: Annotated[int, Field(ge=0, le=512)] = 16
+
+    @model_validator(mode="after")
+    def _check(self) -> Preprocessing:
+        channels = 1 if self.color == "gray" else 3
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean and std need {channels} values for color={self.color!r}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        if self.tile_overlap * 2 >= self.tile:
+            raise ValueError("tile_overlap must be less than half of tile")
+        return self
+
+
+class Batching(_Frozen):
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
+    max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 5.0
+    max_queue: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=256, description="Items waiting per replica beyond which requests are refused (503)."
+    )
+    latency_slo_ms: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="If set, batch size and wait adapt at run time to keep p99 under it."
+    )
+
+
+class Autoscaling(_Frozen):
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 1
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 8.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class Device(_Frozen):
+    type: Literal["cpu", "cuda"] = "cpu"
+    gpus: Annotated[float, Field(ge=0, le=8)] = Field(default=0, description="GPUs per replica; fractions share a GPU.")
+    cpus: Annotated[float, Field(gt=0, le=256)] = Field(default=1, description="CPUs per replica = torch threads.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Device:
+        if self.type == "cuda" and self.gpus == 0:
+            return self.model_copy(update={"gpus": 1.0})
+        if self.type == "cpu" and self.gpus:
+            raise ValueError("device.gpus needs type: cuda")
+        return self
+
+
+class Compile(_Frozen):
+    backend: Literal["eager", "inductor", "aot", "tensorrt"] = "eager"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+class Restoration(_Frozen):
+    kind: Literal["super-resolution", "denoising", "other"] = "super-resolution"
+
+
+class IQA(_Frozen):
+    kind: Literal["no-reference", "full-reference"] = "no-reference"
+    range: tuple[float, float] = (0.0, 1.0)
+    higher_is_better: bool = True
+
+
+class ModelSpec(_Frozen):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+    task: Task
+    architecture: str = Field(description="hybridserve:<name>, timm:<name>, spandrel, transformers:<kind>, python:<m>:<f>")
+    architecture_args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(default=None, description="File (relative to the spec), hf-hub:<repo>[/<file>], or https URL.")
+    weights_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    description: str | None = None
+    preprocessing: Preprocessing = Preprocessing()
+    labels: tuple[str, ...] = ()
+    batching: Batching = Batching()
+    replicas: Annotated[int, Field(ge=1, le=1024)] = 1
+    autoscaling: Autoscaling | None = None
+    device: Device = Device()
+    compile: Compile = Compile()
+    restoration: Restoration | None = None
+    iqa: IQA | None = None
+    base_dir: Path | None = Field(default=None, exclude=True, description="Folder of the spec file (set by the loader).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.weights and self.weights.startswith("https://") and not self.weights_sha256:
+            raise ValueError("weights from an https URL need weights_sha256")
+        if self.task in ("classification", "detection") and self.preprocessing.input_size is None:
+            raise ValueError(f"a {self.task} model needs preprocessing.input_size")
+        if self.task == "iqa" and self.iqa is None:
+            return self.model_copy(update={"iqa": IQA()})
+        if self.task == "restoration" and self.restoration is None:
+            return self.model_copy(update={"restoration": Restoration()})
+        if self.restoration is not None and self.task != "restoration":
+            raise ValueError("the restoration section is only for task: restoration")
+        if self.iqa is not None and self.task != "iqa":
+            raise ValueError("the iqa section is only for task: iqa")
+        return self
+
+    @property
+    def verb(self) -> str:
+        return TASK_VERBS[self.task]
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.iqa is not None and self.iqa.kind == "full-reference"
+
+
+class SpecError(ValueError):
+    """A spec file is unreadable or invalid; the message names the file, key and reason."""
+
+
+def load_spec(path: Path) -> ModelSpec:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: cannot read YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a spec must be a mapping of keys to values")
+    data.pop("base_dir", None)
+    try:
+        return ModelSpec.model_validate({**data, "base_dir": path.parent.resolve()})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<spec>'}: {_reason(err)}" for err in exc.errors()
+        )
+        raise SpecError(f"{path}: {problems}") from None
+
+
+def _reason(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    return err["msg"]
+
+
+def load_repository(folder: Path) -> list[ModelSpec]:
+    """Load every ``*.yaml`` spec in ``folder``; duplicate names or any invalid spec raise SpecError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SpecError(f"model repository {folder} is not a folder")
+    specs, errors = [], []
+    for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
+        try:
+            specs.append(load_spec(path))
+        except SpecError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise SpecError("\n".join(errors))
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpecError(f"{folder}: model names used twice: {', '.join(dupes)}")
+    if not specs:
+        raise SpecError(f"{folder}: no *.yaml model specs")
+    return specs
+
+
+def builtin_repository() -> Path:
+    """The model repository shipped inside the package."""
+    import hybridserve.models
+
+    return Path(hybridserve.models.__file__).resolve().parent / "repository"

@@ -1,0 +1,184 @@
+"""The ``hybridserve`` command: serve a model repository, list and check models, render configs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from hybridserve.server.spec import SpecError, builtin_repository, load_repository, load_spec
+
+
+def _repository(value: str | None) -> Path:
+    return Path(value).resolve() if value else builtin_repository()
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    specs = load_repository(_repository(args.repository))
+    width = max(len(s.name) for s in specs)
+    for spec in specs:
+        print(f"{spec.name:<{width}}  {spec.task:<14}  {spec.architecture}")
+    return 0
+
+
+def cmd_models_check(args: argparse.Namespace) -> int:
+    """Validate every spec and load every model; one clear line per broken spec."""
+    from hybridserve.server.runtime import ModelRuntime, configure_threads
+
+    configure_threads(os.cpu_count() or 1)
+    folder = _repository(args.repository)
+    broken, specs = 0, []
+    for path in sorted(folder.glob("*.y*ml")):
+        try:
+            specs.append(load_spec(path))
+        except SpecError as exc:
+            print(f"FAIL {exc}")
+            broken += 1
+    for spec in specs:
+        runtime = ModelRuntime(spec, args.device)
+        runtime.load()
+        if runtime.status == "ready":
+            print(f"ok   {spec.name}: {spec.task}, {spec.architecture}, loaded and warmed up in {runtime.load_seconds:.2f}s")
+        else:
+            print(f"FAIL {spec.name} ({spec.base_dir}): {runtime.reason}")
+            broken += 1
+    print(f"{len(specs)} model(s) loaded, {broken} broken")
+    return 1 if broken else 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from hybridserve.server.ray_app import serve_config
+
+    config = serve_config(str(_repository(args.repository)), http_port=args.port, grpc_port=args.grpc_port,
+                          device=args.device)
+    print(yaml.safe_dump(config, sort_keys=False))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    repository = _repository(args.repository)
+    specs = load_repository(repository)  # fail fast, before Ray starts
+    if args.no_ray:
+        return _serve_local(specs, args)
+    return _serve_ray(str(repository), specs, args)
+
+
+def _banner(args: argparse.Namespace, specs, grpc: bool) -> None:
+    host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+    base = f"http://{host}:{args.port}"
+    print(f"\nhybridserve is serving {len(specs)} model(s) at {base}  (docs: {base}/docs)")
+    if grpc:
+        print(f"gRPC (hybridserve.v1 and the Open Inference Protocol): {host}:{args.grpc_port}")
+    for spec in specs:
+        print(f"  POST {base}/v1/models/{spec.name}/{spec.verb}")
+    first = specs[0]
+    print(f"\nTry:  curl -s -X POST {base}/v1/models/{first.name}/{first.verb} "
+          f"-H 'Content-Type: image/png' --data-binary @image.png\n", flush=True)
+
+
+def _serve_local(specs, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from hybridserve.server.http_api import create_http_app
+    from hybridserve.server.local import local_plane
+    from hybridserve.server.runtime import configure_threads
+
+    configure_threads(os.cpu_count() or 1)
+    plane = local_plane(specs, args.device)
+    _banner(args, specs, grpc=False)
+    uvicorn.run(create_http_app(plane), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from hybridserve.server.ray_app import build_targets
+
+    # A local cluster gets enough logical CPUs for every replica; torch threads follow each spec.
+    wanted = sum(spec.device.cpus * (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas)
+                 for spec in specs)
+    num_cpus = None if args.address else max(os.cpu_count() or 1, int(wanted + 0.999) + 1)
+    ray.init(address=args.address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=args.verbose, configure_logging=True,
+             logging_level=logging.INFO if args.verbose else logging.WARNING)
+    serve.start(
+        http_options={"host": args.host, "port": args.port},
+        grpc_options={"port": args.grpc_port, "grpc_servicer_functions": grpc_servicers()},
+    )
+    print(f"Loading {len(specs)} model(s) on Ray Serve ...", flush=True)
+    serve.run_many(build_targets(repository, args.device), wait_for_applications_running=True)
+    _banner(args, specs, grpc=bool(grpc_servicers()))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    print("Shutting down (draining in-flight requests) ...", flush=True)
+    serve.shutdown()
+    return 0
+
+
+def grpc_servicers() -> list[str]:
+    """gRPC servicers the Serve proxy registers (empty until the gRPC services are installed)."""
+    try:
+        from hybridserve.server.grpc_services import SERVICER_FUNCTIONS
+    except ImportError:
+        return []
+    return list(SERVICER_FUNCTIONS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve_p = sub.add_parser("serve", help="serve a model repository")
+    serve_p.add_argument("--repository", help="folder of *.yaml model specs (default: the built-in models)")
+    serve_p.add_argument("--host", default="0.0.0.0")
+    serve_p.add_argument("--port", type=int, default=8000)
+    serve_p.add_argument("--grpc-port", type=int, default=9000)
+    serve_p.add_argument("--device", choices=["cpu", "cuda"], help="override every spec's device")
+    serve_p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    serve_p.add_argument("--no-ray", action="store_true", help="serve in this process without Ray (HTTP only)")
+    serve_p.add_argument("--verbose", action="store_true")
+    serve_p.set_defaults(func=cmd_serve)
+
+    models_p = sub.add_parser("models", help="inspect model repositories")
+    models_sub = models_p.add_subparsers(dest="models_command", required=True)
+    list_p = models_sub.add_parser("list", help="list the models of a repository")
+    list_p.add_argument("--repository")
+    list_p.set_defaults(func=cmd_models_list)
+    check_p = models_sub.add_parser("check", help="validate every spec and load every model")
+    check_p.add_argument("repository", nargs="?")
+    check_p.add_argument("--device", choices=["cpu", "cuda"])
+    check_p.set_defaults(func=cmd_models_check)
+
+    config_p = sub.add_parser("config", help="print the Ray Serve config file for a repository")
+    config_p.add_argument("--repository")
+    config_p.add_argument("--port", type=int, default=8000)
+    config_p.add_argument("--grpc-port", type=int, default=9000)
+    config_p.add_argument("--device", choices=["cpu", "cuda"])
+    config_p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""ModelRuntime: one loaded model and its request pipeline, the same in a Ray replica and in-process.
+
+The pipeline reads top to bottom in ``infer``: admit → preprocess (per request) → items
+join the batch queue → ``run_batch`` (batched forward) → postprocess (per request).
+A runtime is ready only after a warm-up request has gone through that whole pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hybridserve.models import create_model
+from hybridserve.server.compile import compile_model
+from hybridserve.server.errors import DeadlineExceeded, HybridServeError, InternalError, ModelNotReady, Overloaded
+from hybridserve.server.handlers import InferenceRequest, TaskHandler, handler_for
+from hybridserve.server.spec import ModelSpec
+
+log = logging.getLogger("hybridserve.runtime")
+
+
+@dataclass
+class Entry:
+    """One batch item on its way through the queue."""
+
+    item: Any
+    deadline: float | None
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchOutput:
+    output: Any = None
+    error: HybridServeError | None = None
+    batch_size: int = 0
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+
+@dataclass
+class InferenceOutcome:
+    """A finished request: its result plus what the server reports about how it ran."""
+
+    result: Any
+    batch_size: int
+    timings: dict[str, float]
+
+
+def configure_threads(cpus: float) -> int:
+    """Pin torch's intra-op threads to the CPUs this replica owns (oversubscription is ruinous)."""
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
+class ModelRuntime:
+    def __init__(self, spec: ModelSpec, device: str | None = None):
+        self.spec = spec
+        self.device = torch.device(device or ("cuda" if spec.device.type == "cuda" else "cpu"))
+        self.status = "loading"
+        self.reason: str | None = None
+        self.backend: str | None = None
+        self.load_seconds: float | None = None
+        self.handler: TaskHandler | None = None
+        self.in_flight_items = 0
+        self.max_queue = spec.batching.max_queue
+
+    # ------------------------------------------------------------ loading
+
+    def load(self) -> None:
+        """Build, compile and warm up the model. Failures are kept as status, never raised."""
+        started = time.perf_counter()
+        try:
+            spec = self.spec
+            loaded = create_model(
+                spec.architecture,
+                weights=spec.weights,
+                weights_sha256=spec.weights_sha256,
+                base_dir=spec.base_dir,
+                args=spec.architecture_args,
+            )
+            loaded.module.to(self.device)
+            handler = handler_for(spec.task)(spec, loaded, self.device)
+            handler.module, self.backend = compile_model(handler, spec.compile, self.device)
+            self.handler = handler
+            self._warm_up()
+            self.status = "ready"
+        except Exception as exc:  # a broken model must not take the server down
+            self.status, self.reason = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("model %s failed to load: %s", self.spec.name, self.reason)
+        self.load_seconds = round(time.perf_counter() - started, 3)
+        log.info("model %s %s in %.2fs (backend %s)", self.spec.name, self.status, self.load_seconds, self.backend)
+
+    def _warm_up(self) -> None:
+        """Run one request through the whole pipeline; compiled backends also see every batch size."""
+        handler = self.handler
+        prepared = handler.preprocess(handler.warmup_request())
+        handler.postprocess(prepared, handler.forward(prepared.items))
+        if self.backend != "eager":
+            for size in sorted({1, 2, self.spec.batching.max_batch_size}):
+                handler.forward([prepared.items[0]] * size)
+
+    # ------------------------------------------------------------ serving
+
+    def run_batch(self, entries: Sequence[Entry]) -> list[BatchOutput]:
+        """The batched step: drop expired items, run one forward, hand each item its output."""
+        now = time.monotonic()
+        live = [i for i, e in enumerate(entries) if e.deadline is None or e.deadline > now]
+        results = [BatchOutput(error=DeadlineExceeded("deadline expired while queued")) for _ in entries]
+        if not live:
+            return results
+        started = time.perf_counter()
+        try:
+            outputs = self.handler.forward([entries[i].item for i in live])
+        except Exception as exc:
+            log.exception("forward failed for model %s", self.spec.name)
+            error = InternalError(f"model {self.spec.name!r} failed on this batch ({type(exc).__name__})")
+            return [BatchOutput(error=error) for _ in entries]
+        if len(outputs) != len(live):
+            raise InternalError(f"{type(self.handler).__name__}.forward returned {len(outputs)} outputs for {len(live)} items")
+        compute = time.perf_counter() - started
+        for index, output in zip(live, outputs):
+            results[index] = BatchOutput(
+                output=output, batch_size=len(live), queue_s=now - entries[index].enqueued, compute_s=compute,
+            )
+        return results
+
+    async def infer(
+        self,
+        request: InferenceRequest,
+        submit: Callable[[Entry], Awaitable[BatchOutput]],
+        deadline: float | None = None,
+    ) -> InferenceOutcome:
+        """One request through the whole pipeline; ``submit`` puts an item in the batch queue."""
+        if self.status != "ready":
+            raise ModelNotReady(f"model {self.spec.name!r} is {self.status}" + (f": {self.reason}" if self.reason else ""))
+        started = time.perf_counter()
+        prepared = await asyncio.to_thread(self.handler.preprocess, request)
+        preprocessed = time.perf_counter()
+        count = len(prepared.items)
+        if self.in_flight_items + count > self.max_queue and self.in_flight_items > 0:
+            raise Overloaded(
+                f"model {self.spec.name!r} has {self.in_flight_items} items queued (limit {self.max_queue})",
+                retry_after=1.0,
+            )
+        self.in_flight_items += count
+        try:
+            outs = await asyncio.gather(*(submit(Entry(item, deadline)) for item in prepared.items))
+        finally:
+            self.in_flight_items -= count
+        for out in outs:
+            if out.error is not None:
+                raise out.error
+        batched = time.perf_counter()
+        result = await asyncio.to_thread(self.handler.postprocess, prepared, [o.output for o in outs])
+        finished = time.perf_counter()
+        return InferenceOutcome(
+            result=result,
+            batch_size=max(o.batch_size for o in outs),
+            timings={
+                "preprocess": preprocessed - started,
+                "queue": max(o.queue_s for o in outs),
+                "compute": sum(o.compute_s for o in outs) / max(1, len(outs)),
+                "postprocess": finished - batched,
+                "total": finished - started,
+            },
+        )

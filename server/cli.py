@@ -56,7 +56,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from hybridserve.server.ray_app import serve_config
 
     config = serve_config(str(_repository(args.repository)), http_port=args.port, grpc_port=args.grpc_port,
-                          device=args.device)
+                          device=args.device, grpc_servicer_functions=grpc_servicers())
     print(yaml.safe_dump(config, sort_keys=False))
     return 0
 
@@ -101,7 +101,7 @@ def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from hybridserve.server.ray_app import build_targets
+    from hybridserve.server.ray_app import APP_NAME, AppArgs, app
 
     # A local cluster gets enough logical CPUs for every replica; torch threads follow each spec.
     wanted = sum(spec.device.cpus * (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas)
@@ -114,7 +114,7 @@ def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
         grpc_options={"port": args.grpc_port, "grpc_servicer_functions": grpc_servicers()},
     )
     print(f"Loading {len(specs)} model(s) on Ray Serve ...", flush=True)
-    serve.run_many(build_targets(repository, args.device), wait_for_applications_running=True)
+    serve.run(app(AppArgs(repository=repository, device=args.device)), name=APP_NAME, route_prefix="/")
     _banner(args, specs, grpc=bool(grpc_servicers()))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

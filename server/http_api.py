@@ -61,6 +61,7 @@ class HTTPSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     default_timeout_s: float = 60.0
     max_timeout_s: float = 600.0
+    echo_request_id: bool = True  # Ray Serve's proxy already returns X-Request-ID itself
 
     @classmethod
     def from_env(cls) -> HTTPSettings:
@@ -191,17 +192,15 @@ def _result_response(result: Any, request: Request, headers: dict[str, str]) -> 
     return Response(result.model_dump_json(), media_type="application/json", headers=headers)
 
 
-def create_http_app(plane: DataPlane, *, model: str | None = None, settings: HTTPSettings | None = None) -> FastAPI:
-    """The FastAPI app over ``plane``. With ``model``, only that model's routes, relative to its prefix."""
+def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -> FastAPI:
+    """The FastAPI app over ``plane``."""
     settings = settings or HTTPSettings.from_env()
-    docs = model is None
     app = FastAPI(
         title="hybridserve",
         version="0.1.0",
         description="Inference server for hybrid CNN-Transformer vision models.",
-        docs_url="/docs" if docs else None,
+        docs_url="/docs",
         redoc_url=None,
-        openapi_url="/openapi.json" if docs else None,
         responses={code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)},
     )
     app.state.plane = plane
@@ -234,7 +233,9 @@ def create_http_app(plane: DataPlane, *, model: str | None = None, settings: HTT
         except Exception as exc:  # every failure leaves through the error table
             return error_response(as_hybridserve_error(exc), request_id)
         timing = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in outcome.timings.items())
-        headers = {"X-Request-ID": request_id, "X-Batch-Size": str(outcome.batch_size), "Server-Timing": timing}
+        headers = {"X-Batch-Size": str(outcome.batch_size), "Server-Timing": timing}
+        if settings.echo_request_id:
+            headers["X-Request-ID"] = request_id
         return _result_response(outcome.result, request, headers)
 
     body_doc = {
@@ -249,16 +250,8 @@ def create_http_app(plane: DataPlane, *, model: str | None = None, settings: HTT
             },
         }
     }
-    prefix = "" if model else "/v1/models/{name}"
     for task, verb in TASK_VERBS.items():
-        _add_infer_route(app, infer, prefix, verb, task, model, body_doc)
-
-    if model is not None:
-        @app.get("/", response_model=ModelInfo, include_in_schema=False)
-        async def own_info() -> Response:
-            return _json(await plane.model_info(model))
-        app.add_api_route("", own_info, methods=["GET"], include_in_schema=False)
-        return app
+        _add_infer_route(app, infer, verb, task, body_doc)
 
     @app.get("/v1/models", response_model=ModelList, tags=["models"], summary="List the served models")
     async def list_models() -> Response:
@@ -290,22 +283,15 @@ def query_options(
     return Options(top_k, score_threshold, max_detections, format)
 
 
-def _add_infer_route(app: FastAPI, infer, prefix: str, verb: str, task: str, model: str | None, doc: dict) -> None:
+def _add_infer_route(app: FastAPI, infer, verb: str, task: str, doc: dict) -> None:
     responses: dict = {200: {"model": RESULT_MODELS[verb]}}
     if verb == "restore":
         responses[200]["content"] = {"image/png": {}, "image/jpeg": {}, "image/webp": {}}
 
-    def path_name(name: str) -> str:
-        return name
-
-    def fixed_name() -> str:
-        return model
-
-    async def endpoint(request: Request, name: str = Depends(fixed_name if model else path_name),
-                       options: Options = Depends(query_options)) -> Response:
+    async def endpoint(request: Request, name: str, options: Options = Depends(query_options)) -> Response:
         return await infer(request, name, verb, options)
 
-    app.add_api_route(f"{prefix}/{verb}", endpoint, methods=["POST"], tags=["inference"],
+    app.add_api_route(f"/v1/models/{{name}}/{verb}", endpoint, methods=["POST"], tags=["inference"],
                       summary=f"{verb.capitalize()} an image ({task} models)", responses=responses,
                       openapi_extra=doc, response_model=None)
 

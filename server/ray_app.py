@@ -1,20 +1,20 @@
-"""Ray Serve applications built from a model repository, by one typed app builder.
+"""The Ray Serve application built from a model repository, by one typed app builder.
 
-Topology (chosen by measurement, see BENCHMARKS.md): every model is its own Serve application
-whose deployment is its own FastAPI ingress at ``/v1/models/{name}``, so a request reaches the
-replica that batches it without an extra DeploymentHandle hop. A small *control* application
-at ``/`` serves the model list, health, OpenAPI docs and the protocols that route by model
-name inside the request (Open Inference Protocol, gRPC) through handles.
+Layout: one Serve application. Its ingress, the *gateway* deployment, serves HTTP (typed API,
+docs, health) and gRPC (typed service, Open Inference Protocol) and routes every request by
+model name to that model's own deployment through a DeploymentHandle; each model deployment
+batches with ``@serve.batch`` and scales on its own. One application is what lets Ray Serve's
+gRPC proxy route without ``application`` metadata, so tritonclient works unchanged.
 
-``serve_config`` renders the same applications as a Serve config file (``serve build``,
-``serve deploy``, KubeRay's ``serveConfigV2``): builders ``model_app`` and ``control_app``
-are the import paths it names.
+``serve_config`` renders the same application as a Serve config file (``serve build``,
+``serve deploy``, KubeRay's ``serveConfigV2``); ``app`` is the typed builder it names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,47 +24,32 @@ from ray.serve import Application
 
 from hybridserve_client.schemas import BatchingInfo, ModelInfo
 from hybridserve.server.dataplane import DataPlane, LocalEndpoint, describe
-from hybridserve.server.errors import ModelNotReady
+from hybridserve.server.errors import HybridServeError, ModelNotReady, as_hybridserve_error
 from hybridserve.server.handlers import InferenceRequest
-from hybridserve.server.http_api import create_http_app
+from hybridserve.server.http_api import HTTPSettings, create_http_app
 from hybridserve.server.runtime import BatchOutput, Entry, InferenceOutcome, ModelRuntime, configure_threads
 from hybridserve.server.spec import ModelSpec, builtin_repository, load_repository
 
 log = logging.getLogger("hybridserve.ray")
 
-CONTROL_APP = "hybridserve"
+APP_NAME = "hybridserve"
 INFO_TIMEOUT_S = 2.0
 
 
-def model_app_name(model: str) -> str:
+def model_deployment_name(model: str) -> str:
     return f"model-{model}"
 
 
-def model_route(model: str) -> str:
-    return f"/v1/models/{model}"
+class AppArgs(BaseModel):
+    """Arguments of the application builder (the ``args`` of a Serve config file)."""
 
-
-class ModelAppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     repository: str | None = None
-    model: str
     device: str | None = None
-
-
-class ControlAppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    repository: str | None = None
 
 
 def _specs(repository: str | None) -> list[ModelSpec]:
     return load_repository(Path(repository) if repository else builtin_repository())
-
-
-def _spec(repository: str | None, model: str) -> ModelSpec:
-    for spec in _specs(repository):
-        if spec.name == model:
-            return spec
-    raise ValueError(f"model {model!r} is not in repository {repository or builtin_repository()}")
 
 
 def deployment_options(spec: ModelSpec) -> dict[str, Any]:
@@ -95,21 +80,15 @@ def deployment_options(spec: ModelSpec) -> dict[str, Any]:
 
 
 @serve.deployment
-@serve.ingress()
 class ModelDeployment:
-    """One replica of one model: loads, warms up, batches with ``@serve.batch``, serves HTTP."""
+    """One replica of one model: loads, warms up, and batches items with ``@serve.batch``."""
 
-    def __init__(self, args: ModelAppArgs):
-        spec = _spec(args.repository, args.model)
-        cpus = _assigned_cpus(spec.device.cpus)
-        configure_threads(cpus)
+    def __init__(self, spec: ModelSpec, device: str | None = None):
+        configure_threads(_assigned_cpus(spec.device.cpus))
         self.spec = spec
-        self.runtime = ModelRuntime(spec, args.device)
+        self.runtime = ModelRuntime(spec, device)
         self.runtime.load()
         self.plane = DataPlane({spec.name: LocalEndpoint(self.runtime, self._submit, self._batching)})
-
-    def __serve_build_asgi_app__(self):
-        return create_http_app(self.plane, model=self.spec.name)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Change batching in place (Serve calls this on a new ``user_config``, no restart)."""
@@ -145,30 +124,22 @@ def _assigned_cpus(default: float) -> float:
 
 
 class RemoteEndpoint:
-    """A model served by its own Serve application, reached through a DeploymentHandle."""
+    """A model served by its own deployment, reached through a DeploymentHandle."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, handle):
         self.spec = spec
-        self._handle = None
-
-    @property
-    def handle(self):
-        if self._handle is None:
-            self._handle = serve.get_deployment_handle("ModelDeployment", app_name=model_app_name(self.spec.name))
-        return self._handle
+        self.handle = handle
 
     async def info(self) -> ModelInfo:
         try:
             return await asyncio.wait_for(self.handle.info.remote(), INFO_TIMEOUT_S)
-        except Exception as exc:  # not deployed yet, still loading, or its replica died
+        except Exception as exc:  # still loading, or its replica died
             return describe(self.spec, "loading", reason=f"no replica answered ({type(exc).__name__})")
 
     async def infer(self, request: InferenceRequest, timeout_s: float | None) -> InferenceOutcome:
         try:
             return await self.handle.infer.remote(request, timeout_s)
         except Exception as exc:
-            from hybridserve.server.errors import HybridServeError, as_hybridserve_error
-
             error = as_hybridserve_error(exc)
             if isinstance(error, HybridServeError) and error.code != "internal":
                 raise error from None
@@ -176,68 +147,47 @@ class RemoteEndpoint:
                                 retry_after=1.0) from None
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2000)
 @serve.ingress()
-class ControlDeployment:
-    """Model list, health and docs for the whole repository; routes by model name through handles."""
+class Gateway:
+    """HTTP and gRPC ingress of the whole repository: routes each request by model name."""
 
-    def __init__(self, args: ControlAppArgs):
-        self.specs = _specs(args.repository)
-        self.plane = DataPlane({spec.name: RemoteEndpoint(spec) for spec in self.specs})
+    def __init__(self, specs: list[ModelSpec], handles: dict[str, Any]):
+        self.specs = specs
+        self.plane = DataPlane({spec.name: RemoteEndpoint(spec, handles[spec.name]) for spec in specs})
 
     def __serve_build_asgi_app__(self):
-        return create_http_app(self.plane)
+        return create_http_app(self.plane, settings=replace(HTTPSettings.from_env(), echo_request_id=False))
 
 
-def model_app(args: ModelAppArgs) -> Application:
-    """Typed builder of one model's application (import path for Serve config files)."""
-    spec = _spec(args.repository, args.model)
-    return ModelDeployment.options(**deployment_options(spec)).bind(args)
-
-
-def control_app(args: ControlAppArgs) -> Application:
-    """Typed builder of the control application (import path for Serve config files)."""
-    return ControlDeployment.bind(args)
-
-
-def build_targets(repository: str | None, device: str | None = None) -> list[serve.RunTarget]:
-    """Every application of a repository, ready for ``serve.run_many``."""
-    from ray.serve.api import RunTarget
-
-    targets = [
-        RunTarget(model_app(ModelAppArgs(repository=repository, model=spec.name, device=device)),
-                  name=model_app_name(spec.name), route_prefix=model_route(spec.name))
-        for spec in _specs(repository)
-    ]
-    targets.append(RunTarget(control_app(ControlAppArgs(repository=repository)), name=CONTROL_APP, route_prefix="/"))
-    return targets
+def app(args: AppArgs) -> Application:
+    """Typed builder of the application (the import path Serve config files name)."""
+    specs = _specs(args.repository)
+    handles = {
+        spec.name: ModelDeployment.options(name=model_deployment_name(spec.name), **deployment_options(spec))
+        .bind(spec, args.device)
+        for spec in specs
+    }
+    return Gateway.bind(specs, handles)
 
 
 def serve_config(repository: str, *, host: str = "0.0.0.0", http_port: int = 8000, grpc_port: int = 9000,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, grpc_servicer_functions: list[str] | None = None) -> dict[str, Any]:
     """A Serve config file (dict) for the repository: what ``serve deploy`` and KubeRay consume."""
-    applications = []
-    for spec in _specs(repository):
-        options = deployment_options(spec)
-        args = {"repository": repository, "model": spec.name}
-        if device:
-            args["device"] = device
-        applications.append({
-            "name": model_app_name(spec.name),
-            "route_prefix": model_route(spec.name),
-            "import_path": "hybridserve.server.ray_app:model_app",
-            "args": args,
-            "deployments": [{"name": "ModelDeployment", **options}],
-        })
-    applications.append({
-        "name": CONTROL_APP,
-        "route_prefix": "/",
-        "import_path": "hybridserve.server.ray_app:control_app",
-        "args": {"repository": repository},
-    })
+    args: dict[str, Any] = {"repository": repository}
+    if device:
+        args["device"] = device
+    deployments = [{"name": model_deployment_name(spec.name), **deployment_options(spec)}
+                   for spec in _specs(repository)]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": host, "port": http_port},
-        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": []},
-        "applications": applications,
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": list(grpc_servicer_functions or [])},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": "hybridserve.server.ray_app:app",
+            "args": args,
+            "deployments": deployments,
+        }],
     }

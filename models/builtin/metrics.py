@@ -90,6 +90,7 @@ class MSSSIM(_GaussianWindowMetric):
     """Multi-scale structural similarity over five scales."""
 
     range = (0.0, 1.0)
+    min_size = SSIM_WINDOW * 2 ** (len(MS_SSIM_WEIGHTS) - 1)  # read by the server to refuse smaller images
 
     def __init__(self) -> None:
         super().__init__()

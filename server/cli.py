@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from hybridserve.server.deploy_render import add_deploy_parser
 from hybridserve.server.spec import SpecError, builtin_repository, load_repository, load_spec
 
 
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_p.add_argument("--grpc-port", type=int, default=9000)
     config_p.add_argument("--device", choices=["cpu", "cuda"])
     config_p.set_defaults(func=cmd_config)
+
+    add_deploy_parser(sub)
     return parser
 
 

@@ -204,6 +204,8 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
         responses={code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)},
     )
     app.state.plane = plane
+    from hybridserve.server.oip_http import oip_router  # imports this module, so not at the top
+    app.include_router(oip_router(plane, settings))
 
     @app.exception_handler(HybridServeError)
     async def _typed(request: Request, exc: HybridServeError):

@@ -89,7 +89,7 @@ def _to_array(image: Image.Image, color: str) -> np.ndarray:
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image)
     target = "L" if color == "gray" else "RGB"
-    array = np.asarray(image.convert(target), dtype=np.uint8)
+    array = np.array(image.convert(target), dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     if array.shape[0] == 0 or array.shape[1] == 0:
@@ -146,5 +146,5 @@ def resize_for_model(array: np.ndarray, size: tuple[int, int], policy: str, fill
         left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
         out = image.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + target_w, top + target_h))
         placement = Placement(new_w / width, new_h / height, -left, -top)
-    result = np.asarray(out, dtype=np.uint8)
+    result = np.array(out, dtype=np.uint8)
     return (result[:, :, None] if result.ndim == 2 else result), placement

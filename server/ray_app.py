@@ -25,6 +25,7 @@ from ray.serve import Application
 from hybridserve_client.schemas import BatchingInfo, ModelInfo
 from hybridserve.server.dataplane import DataPlane, LocalEndpoint, describe
 from hybridserve.server.errors import HybridServeError, ModelNotReady, as_hybridserve_error
+from hybridserve.server.grpc_services import OIPServicerMixin, TaskServicerMixin
 from hybridserve.server.handlers import InferenceRequest
 from hybridserve.server.http_api import HTTPSettings, create_http_app
 from hybridserve.server.runtime import BatchOutput, Entry, InferenceOutcome, ModelRuntime, configure_threads
@@ -149,7 +150,7 @@ class RemoteEndpoint:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2000)
 @serve.ingress()
-class Gateway:
+class Gateway(TaskServicerMixin, OIPServicerMixin):
     """HTTP and gRPC ingress of the whole repository: routes each request by model name."""
 
     def __init__(self, specs: list[ModelSpec], handles: dict[str, Any]):

@@ -65,6 +65,8 @@ class TaskHandler(ABC):
         self.limits = limits or ImageLimits()
         pre = spec.preprocessing
         channels = 1 if pre.color == "gray" else 3
+        # Smallest side the model accepts when it sees the image at its own size (no resize).
+        self.min_side = 1 if pre.input_size else int(getattr(self.module, "min_size", model.extra.get("min_size", 1)))
         self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(channels, 1, 1)
         self.std = torch.tensor(pre.std, dtype=torch.float32).view(channels, 1, 1)
 
@@ -79,6 +81,9 @@ class TaskHandler(ABC):
             reference = self.decode(request.reference, "reference")
         elif request.reference is not None:
             raise InvalidInput(f"model {self.spec.name!r} is no-reference: do not send a `reference` image")
+        if min(image.shape[:2]) < self.min_side:
+            raise InvalidInput(f"image is {image.shape[1]}x{image.shape[0]} pixels; model {self.spec.name!r} needs "
+                               f"at least {self.min_side} pixels on each side")
         return self.prepare(image, reference, request.options)
 
     def decode(self, data: bytes | np.ndarray, field_name: str) -> np.ndarray:
@@ -132,7 +137,7 @@ class TaskHandler(ABC):
     def warmup_request(self) -> InferenceRequest:
         """A synthetic request that exercises the whole pipeline (used before a model is ready)."""
         pre = self.spec.preprocessing
-        size = pre.input_size or (min(pre.tile, 64),) * 2
+        size = pre.input_size or (max(min(pre.tile, 64), self.min_side),) * 2
         rng = np.random.default_rng(0)
         image = rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8)
         reference = image if self.spec.needs_reference else None
@@ -141,6 +146,8 @@ class TaskHandler(ABC):
     # ------------------------------------------------------------ helpers
 
     def to_tensor(self, array: np.ndarray, normalize: bool | None = None) -> torch.Tensor:
+        if not array.flags.writeable:
+            array = array.copy()
         tensor = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
         if self.spec.preprocessing.normalize if normalize is None else normalize:
             tensor = (tensor - self.mean) / self.std

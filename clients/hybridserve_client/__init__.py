@@ -1,0 +1,50 @@
+"""hybridserve-client: the Python SDK of hybridserve (HTTP and gRPC, sync and async).
+
+    from hybridserve_client import Client
+
+    with Client("http://localhost:8000") as client:
+        print(client.classify("classifier", "digit.png").top1)
+
+Light by design: pydantic, httpx, numpy and pillow; grpcio with the ``grpc`` extra. It never
+imports torch or Ray.
+"""
+
+from hybridserve_client._base import BaseClient, Operation, RetryPolicy
+from hybridserve_client.client import AsyncClient, Client
+from hybridserve_client.exceptions import (
+    ConnectionFailed,
+    HybridServeError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServerError,
+    Timeout,
+    Unauthenticated,
+    Unavailable,
+    UnprocessableImage,
+    UnsupportedMediaType,
+    WrongTask,
+)
+from hybridserve_client.results import RestoredImage
+from hybridserve_client.schemas import (
+    AssessmentResult,
+    ClassificationResult,
+    ClassPrediction,
+    Detection,
+    DetectionResult,
+    Health,
+    ModelInfo,
+    RestorationResult,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AssessmentResult", "AsyncClient", "BaseClient", "ClassPrediction", "ClassificationResult", "Client",
+    "ConnectionFailed", "Detection", "DetectionResult", "Health", "HybridServeError", "InvalidInput",
+    "ModelInfo", "ModelNotFound", "ModelNotReady", "Operation", "Overloaded", "PayloadTooLarge",
+    "RestorationResult", "RestoredImage", "RetryPolicy", "ServerError", "Timeout", "Unauthenticated",
+    "Unavailable", "UnprocessableImage", "UnsupportedMediaType", "WrongTask",
+]

@@ -7,9 +7,13 @@ into them, so both sides agree on one definition of every message.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # the helpers import numpy and PIL only when called
+    import numpy as np
+    from PIL import Image
 
 Task = Literal["classification", "detection", "restoration", "iqa"]
 ModelStatus = Literal["loading", "ready", "failed"]
@@ -69,6 +73,11 @@ class ClassificationResult(_Schema):
     model: str
     predictions: list[ClassPrediction]
 
+    @property
+    def top1(self) -> ClassPrediction:
+        """The highest-scoring prediction."""
+        return max(self.predictions, key=lambda prediction: prediction.score)
+
 
 class Detection(_Schema):
     box: tuple[float, float, float, float] = Field(description="[x1, y1, x2, y2] in input-image pixels.")
@@ -82,6 +91,40 @@ class DetectionResult(_Schema):
     width: int
     height: int
     detections: list[Detection]
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """(N, 4) float32 array of [x1, y1, x2, y2]."""
+        import numpy as np
+
+        return np.array([d.box for d in self.detections], dtype=np.float32).reshape(-1, 4)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(N,) float32 array of scores."""
+        import numpy as np
+
+        return np.array([d.score for d in self.detections], dtype=np.float32)
+
+    @property
+    def labels(self) -> list[str]:
+        return [d.label for d in self.detections]
+
+    def draw(self, image: Any, width: int = 2) -> Image.Image:
+        """A copy of ``image`` (any client image input) with each box and its label and score drawn on it."""
+        from PIL import ImageDraw
+
+        from hybridserve_client.inputs import to_pil
+
+        canvas = to_pil(image).convert("RGB")
+        pen = ImageDraw.Draw(canvas)
+        palette = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
+        for detection in self.detections:
+            color = palette[detection.index % len(palette)]
+            x1, y1, x2, y2 = detection.box
+            pen.rectangle((x1, y1, x2, y2), outline=color, width=width)
+            pen.text((x1 + 2, max(0.0, y1 - 11)), f"{detection.label} {detection.score:.2f}", fill=color)
+        return canvas
 
 
 class RestorationResult(_Schema):

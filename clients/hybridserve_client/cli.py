@@ -1,0 +1,202 @@
+"""The ``hybridserve-client`` command: one-off calls that print readable results, and ``bench``.
+
+    hybridserve-client classify http://localhost:8000 classifier digit.png
+    hybridserve-client detect   http://localhost:8000 detector scene.jpg -o boxes.png
+    hybridserve-client restore  http://localhost:8000 super-resolution-x2 small.png -o big.png
+    hybridserve-client assess   http://localhost:8000 psnr distorted.png --reference original.png
+    hybridserve-client models   http://localhost:8000
+    hybridserve-client bench    http://localhost:8000 classifier --concurrency 1,8,32 --duration 10
+
+An API key or bearer token comes from --api-key/--token or HYBRIDSERVE_API_KEY/HYBRIDSERVE_TOKEN.
+Exit status: 0 on success, 1 when the server answered with an error, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hybridserve_client.client import Client
+from hybridserve_client.exceptions import HybridServeError
+from hybridserve_client.results import RestoredImage
+from hybridserve_client.schemas import AssessmentResult, ClassificationResult, DetectionResult
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url, api_key=args.api_key, token=args.token, timeout=args.timeout, retries=args.retries)
+
+
+def _dump(result: Any) -> str:
+    if isinstance(result, RestoredImage):
+        return result.to_schema().model_dump_json(exclude={"image"})
+    return result.model_dump_json()
+
+
+def describe(name: str, result: Any) -> str:
+    """A few readable lines for one result."""
+    if isinstance(result, ClassificationResult):
+        rows = [f"  {p.score:7.4f}  {p.label}  (#{p.index})" for p in result.predictions]
+        return f"{name}  ({result.model})\n" + "\n".join(rows)
+    if isinstance(result, DetectionResult):
+        rows = [f"  {d.label:<12} {d.score:5.2f}  [{', '.join(f'{v:.1f}' for v in d.box)}]" for d in result.detections]
+        head = f"{name}  ({result.model}, {result.width}x{result.height}): {len(result.detections)} detection(s)"
+        return "\n".join([head, *rows])
+    if isinstance(result, AssessmentResult):
+        better = "higher" if result.higher_is_better else "lower"
+        return (f"{name}  ({result.model}): {result.score:.4f}  ({result.kind}, range "
+                f"[{result.range[0]:g}, {result.range[1]:g}], {better} is better)")
+    if isinstance(result, RestoredImage):
+        return f"{name}  ({result.model}): {result.width}x{result.height} {result.format}, {len(result.data)} bytes"
+    return str(result)
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.command == "classify":
+            results = client.classify(args.model, list(args.images), top_k=args.top_k)
+        elif args.command == "detect":
+            results = client.detect(args.model, list(args.images), score_threshold=args.score_threshold,
+                                    max_detections=args.max_detections)
+        elif args.command == "restore":
+            results = client.restore(args.model, list(args.images), format=args.format)
+        else:
+            results = client.assess(args.model, list(args.images), reference=args.reference)
+    for index, (image, result) in enumerate(zip(args.images, results, strict=True)):
+        print(_dump(result) if args.json else describe(image, result))
+        if getattr(args, "output", None):
+            target = _output_path(Path(args.output), index, len(results))
+            if isinstance(result, RestoredImage):
+                result.save(target)
+            else:
+                result.draw(image).save(target)
+            print(f"  wrote {target}", file=sys.stderr)
+    return 0
+
+
+def _output_path(output: Path, index: int, count: int) -> Path:
+    return output if count == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.models()
+    if args.json:
+        print(json.dumps([m.model_dump(mode="json") for m in models], indent=2))
+        return 0
+    width = max([len(m.name) for m in models] + [4])
+    print(f"{'name':<{width}}  {'task':<14}  {'verb':<8}  {'status':<8}  architecture")
+    for m in models:
+        print(f"{m.name:<{width}}  {m.task:<14}  {m.verb:<8}  {m.status:<8}  {m.architecture}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        live = client.live()
+        health = client.health() if live else None
+    print(f"live: {live}")
+    if health is not None:
+        print(f"ready: {health.status == 'ok'}")
+        for name, status in sorted(health.models.items()):
+            print(f"  {name}: {status}")
+    return 0 if live and health is not None and health.status == "ok" else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hybridserve_client import bench
+
+    with _client(args) as client:
+        info = client.model(args.model)
+    if args.images:
+        images = bench.load_images(Path(args.images))
+    else:
+        size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else (
+            info.input.input_size or ((192, 192) if info.task == "iqa" else (64, 64)))
+        images = bench.generated_images(size)  # type: ignore[arg-type]
+    mode, levels = ("rate", args.rate) if args.rate else ("concurrency", args.concurrency)
+    config = bench.BenchConfig(
+        url=args.url, model=args.model, verb=info.verb, images=images, mode=mode,
+        levels=[float(v) for v in levels.split(",")], duration=args.duration, warmup=args.warmup,
+        engine=args.engine, timeout=args.timeout, needs_reference=info.input.needs_reference,
+        api_key=args.api_key, token=args.token, progress=not args.no_progress)
+    engine = bench.pick_engine(args.url, args.engine)
+    print(f"bench {args.model} ({info.verb}) at {args.url}: engine {engine}, {len(images)} image(s), "
+          f"{args.warmup:g} s warm-up + {args.duration:g} s per level")
+    results = bench.run_bench(config)
+    print(bench.table(results))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(bench.to_json(config, results), indent=2))
+    if args.csv:
+        Path(args.csv).write_text(bench.to_csv(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("url", help="server URL: http(s)://host:port or grpc://host:port")
+    common.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"))
+    common.add_argument("--token", default=os.environ.get("HYBRIDSERVE_TOKEN"), help="bearer token")
+    common.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    common.add_argument("--retries", type=int, default=3, help="retries on 429/503/connection errors (default 3)")
+
+    parser = argparse.ArgumentParser(prog="hybridserve-client", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def task(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, parents=[common], help=help_text)
+        command.add_argument("model")
+        command.add_argument("images", nargs="+", help="image file(s)")
+        command.add_argument("--json", action="store_true", help="print the raw JSON result")
+        command.set_defaults(handler=cmd_infer)
+        return command
+
+    task("classify", "classify images").add_argument("--top-k", type=int)
+    detect = task("detect", "detect objects")
+    detect.add_argument("--score-threshold", type=float)
+    detect.add_argument("--max-detections", type=int)
+    detect.add_argument("-o", "--output", help="also write the image with its boxes drawn")
+    restore = task("restore", "super-resolve or denoise")
+    restore.add_argument("-o", "--output", required=True, help="where to write the restored image")
+    restore.add_argument("--format", default="png", choices=("png", "jpeg", "webp"))
+    task("assess", "score image quality").add_argument("--reference", help="reference image (full-reference models)")
+
+    for name, handler, help_text in (("models", cmd_models, "list the served models"),
+                                     ("health", cmd_health, "liveness and readiness")):
+        command = sub.add_parser(name, parents=[common], help=help_text)
+        command.add_argument("--json", action="store_true")
+        command.set_defaults(handler=handler)
+
+    bench = sub.add_parser("bench", parents=[common], help="load test one model (perf_analyzer style)")
+    bench.add_argument("model")
+    bench.add_argument("--images", help="folder of images to send (default: generated at the model's input size)")
+    bench.add_argument("--size", help="HxW of generated images (default: the model's input size)")
+    bench.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels (default 1,8,32)")
+    bench.add_argument("--rate", help="comma-separated request rates per second (open loop), instead of concurrency")
+    bench.add_argument("--duration", type=float, default=10.0, help="measured seconds per level (default 10)")
+    bench.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level (default 2)")
+    bench.add_argument("--engine", default="auto", choices=("auto", "aiohttp", "threads", "httpx", "grpc"))
+    bench.add_argument("--json", dest="json_out", help="write the results as JSON to this file")
+    bench.add_argument("--csv", help="write the results as CSV to this file")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except HybridServeError as error:
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    except (OSError, TypeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

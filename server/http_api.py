@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,6 +45,7 @@ from hybridserve.server.errors import (
     as_hybridserve_error,
 )
 from hybridserve.server.handlers import InferenceRequest, Options, RestoredImage
+from hybridserve.server.security import AuthMiddleware, AuthPolicy
 
 log = logging.getLogger("hybridserve.http")
 
@@ -62,12 +64,14 @@ class HTTPSettings:
     default_timeout_s: float = 60.0
     max_timeout_s: float = 600.0
     echo_request_id: bool = True  # Ray Serve's proxy already returns X-Request-ID itself
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> HTTPSettings:
         return cls(
             max_body_bytes=int(os.environ.get("HYBRIDSERVE_MAX_BODY_BYTES", cls.max_body_bytes)),
             default_timeout_s=float(os.environ.get("HYBRIDSERVE_REQUEST_TIMEOUT_S", cls.default_timeout_s)),
+            cors_origins=tuple(o.strip() for o in os.environ.get("HYBRIDSERVE_CORS_ORIGINS", "").split(",") if o.strip()),
         )
 
 
@@ -201,9 +205,15 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
         description="Inference server for hybrid CNN-Transformer vision models.",
         docs_url="/docs",
         redoc_url=None,
-        responses={code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)},
+        responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503, 504)},
     )
     app.state.plane = plane
+    policy = AuthPolicy.from_env()
+    if policy.enabled:
+        app.add_middleware(AuthMiddleware, policy=policy)
+    if settings.cors_origins:  # off unless configured; outermost, so preflights need no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "X-Batch-Size"])
     from hybridserve.server.oip_http import oip_router  # imports this module, so not at the top
     app.include_router(oip_router(plane, settings))
 

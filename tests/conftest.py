@@ -129,3 +129,51 @@ def server(test_repository) -> Server:
     yield Server(url, f"127.0.0.1:{grpc_port}", test_repository, specs)
     serve.shutdown()
     ray.shutdown()
+
+
+class LocalServer:
+    """``hybridserve serve --no-ray`` in a subprocess on a free loopback port (real HTTP, no Ray)."""
+
+    def __init__(self, repository: Path, env: dict[str, str] | None = None):
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hybridserve.server.cli", "serve", "--no-ray", "--host", "127.0.0.1",
+             "--port", str(self.port), "--repository", str(repository)],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+
+    def wait_live(self, timeout: float = 180) -> LocalServer:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.process.stdout.read()}")
+            try:
+                httpx.get(f"{self.url}/healthz", timeout=2)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except Exception:
+            self.process.kill()
+
+
+def write_spec(folder: Path, name: str, **fields) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, **fields}, sort_keys=False))
+    return path
+
+
+PSNR_SPEC = {"task": "iqa", "architecture": "hybridserve:psnr", "preprocessing": {"normalize": False},
+             "iqa": {"kind": "full-reference", "range": [0, 100]}}

@@ -76,6 +76,7 @@ def build_test_repository(folder: Path, tmp: Path) -> Path:
 class Server:
     http_url: str
     grpc_target: str
+    metrics_url: str
     repository: Path
     specs: dict
 
@@ -106,8 +107,9 @@ def server(test_repository) -> Server:
     from hybridserve.server.spec import load_repository
 
     specs = {spec.name: spec for spec in load_repository(test_repository)}
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     ray.init(num_cpus=len(specs) + 2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": grpc_servicers()})
@@ -126,7 +128,7 @@ def server(test_repository) -> Server:
         time.sleep(1)
     else:
         raise RuntimeError(f"server at {url} never became ready: {httpx.get(url + '/readyz').text}")
-    yield Server(url, f"127.0.0.1:{grpc_port}", test_repository, specs)
+    yield Server(url, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", test_repository, specs)
     serve.shutdown()
     ray.shutdown()
 

@@ -26,7 +26,12 @@ FROM ${PYTHON_IMAGE} AS base-cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN python -m venv /opt/venv \
+# wget: KubeRay's default probes run it in the Ray containers.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wget \
+    && rm -rf /var/lib/apt/lists/* \
+    && python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
@@ -38,12 +43,14 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG WITH_TENSORRT=false
 ARG TORCH_TENSORRT_VERSION=2.14.0
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# Ubuntu's Python follows the base image tag; pinning apt versions would break on every point release.
+# Ubuntu's Python follows the base image tag (pinned apt versions break on every point release);
+# wget: KubeRay's default probes run it. Ubuntu's own user takes uid 1000: it goes.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates wget \
     && rm -rf /var/lib/apt/lists/* \
     && (userdel --remove ubuntu 2>/dev/null || true) \
+    && (groupdel ubuntu 2>/dev/null || true) \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \

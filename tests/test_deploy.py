@@ -352,6 +352,8 @@ def test_dockerfile_runs_hybridserve_serve_on_the_exposed_ports():
     assert sorted(exposed) == sorted([str(args.port), str(args.grpc_port), "8080"])
     assert f"--metrics-export-port=\"${{RAY_METRICS_EXPORT_PORT:-{exposed[-1]}}}\"" in script
     assert f"127.0.0.1:{args.port}/readyz" in healthcheck
+    # KubeRay's default probes (the head's, and the workers' liveness) run wget in the Ray container.
+    assert sum("wget" in args for op, args in instructions if op == "RUN") == 2  # the cpu and gpu bases
     # The image and the manifests agree on where the cache is, and which user runs.
     assert {key: env[key] for key in deploy_render.CACHE_ENV} == deploy_render.CACHE_ENV
     assert [args for op, args in instructions if op == "USER"] == [f"{deploy_render.USER_ID}:{deploy_render.USER_ID}"]

@@ -67,10 +67,6 @@ class RenderOptions:
     cache_claim: str = f"{NAME}-cache"
     cache_size: str = "20Gi"
 
-    @property
-    def container_image(self) -> str:
-        return self.image or f"{NAME}:{'gpu' if self.gpu else 'cpu'}"
-
 
 @dataclass(frozen=True)
 class Demand:
@@ -149,7 +145,8 @@ def _resources(size: PodSize) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def pod_template(options: RenderOptions, role: str, size: PodSize, ports: list[dict[str, Any]]) -> dict[str, Any]:
+def pod_template(options: RenderOptions, image: str, role: str, size: PodSize,
+                 ports: list[dict[str, Any]]) -> dict[str, Any]:
     """The pod of one Ray node: the image, its resources, cache and repository volumes, probes."""
     mounts = [{"name": "cache", "mountPath": CACHE_ROOT}, {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [
@@ -162,7 +159,7 @@ def pod_template(options: RenderOptions, role: str, size: PodSize, ports: list[d
                                                                     "readOnly": True}})
     container: dict[str, Any] = {
         "name": f"ray-{'head' if role == 'head' else 'worker'}",
-        "image": options.container_image,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "env": [{"name": key, "value": value} for key, value in CACHE_ENV.items()],
         "ports": ports,
@@ -195,23 +192,26 @@ def _worker_ports() -> list[dict[str, Any]]:
     return [_port("serve", HTTP_PORT), _port("grpc", GRPC_PORT), _port("metrics", METRICS_PORT)]
 
 
-def worker_group(options: RenderOptions, name: str, size: PodSize, pods: tuple[int, int]) -> dict[str, Any]:
+def worker_group(options: RenderOptions, image: str, name: str, size: PodSize,
+                 pods: tuple[int, int]) -> dict[str, Any]:
     return {
         "groupName": name,
         "replicas": pods[0],
         "minReplicas": pods[0],
         "maxReplicas": pods[1],
         "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
-        "template": pod_template(options, f"worker-{name}", size, _worker_ports()),
+        "template": pod_template(options, image, f"worker-{name}", size, _worker_ports()),
     }
 
 
 def rayservice(options: RenderOptions, config: dict[str, Any]) -> dict[str, Any]:
     on_cpu, on_gpu = demands(config)
+    uses_gpu = bool(on_gpu.gpus[1])
+    image = options.image or f"{NAME}:{'gpu' if uses_gpu else 'cpu'}"  # one image for every Ray node
     head_ports = [_port("gcs", 6379), _port("dashboard", 8265), _port("client", 10001), *_worker_ports()]
-    groups = [worker_group(options, "cpu", CPU_WORKER_SIZE, on_cpu.pods(CPU_WORKER_SIZE))]
-    if on_gpu.gpus[1]:
-        groups.append(worker_group(options, "gpu", GPU_WORKER_SIZE, on_gpu.pods(GPU_WORKER_SIZE)))
+    groups = [worker_group(options, image, "cpu", CPU_WORKER_SIZE, on_cpu.pods(CPU_WORKER_SIZE))]
+    if uses_gpu:
+        groups.append(worker_group(options, image, "gpu", GPU_WORKER_SIZE, on_gpu.pods(GPU_WORKER_SIZE)))
     import ray
 
     ray_version = ".".join(ray.__version__.split(".")[:2]) + ".0"  # the image's Ray: pinned to a minor
@@ -238,7 +238,7 @@ def rayservice(options: RenderOptions, config: dict[str, Any]) -> dict[str, Any]
                     # num-cpus 0: no model replica on the head, which runs GCS, the Serve controller and a proxy.
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                        "metrics-export-port": str(METRICS_PORT)},
-                    "template": pod_template(options, "head", HEAD_SIZE, head_ports),
+                    "template": pod_template(options, image, "head", HEAD_SIZE, head_ports),
                 },
                 "workerGroupSpecs": groups,
             },
@@ -301,7 +301,7 @@ def shared_manifests(options: RenderOptions) -> list[dict[str, Any]]:
 def render(options: RenderOptions, config: dict[str, Any], *, with_pod_monitor: bool = False) -> list[dict[str, Any]]:
     """Every manifest, standalone: ``kubectl apply -f`` of their YAML serves the repository."""
     documents = [*shared_manifests(options), rayservice(options, config)]
-    return documents + [pod_monitor()] if with_pod_monitor else documents
+    return [*documents, pod_monitor()] if with_pod_monitor else documents
 
 
 class _ManifestDumper(yaml.SafeDumper):
@@ -338,20 +338,25 @@ def cmd_deploy_render(args: argparse.Namespace) -> int:
     from hybridserve.server.spec import builtin_repository
 
     repository = Path(args.repository).resolve() if args.repository else builtin_repository()
-    if args.kustomize:
-        root = Path(args.kustomize)
-        for relative, text in kustomize_files(repository, args.models_claim).items():
-            (root / relative).parent.mkdir(parents=True, exist_ok=True)
-            (root / relative).write_text(text)
-            print(f"wrote {root / relative}", file=sys.stderr)
-        return 0
     options = RenderOptions(repository=repository, gpu=args.gpu, image=args.image,
                             gpus_per_replica=args.gpus_per_replica, models_claim=args.models_claim)
     config = cluster_serve_config(options)
     for name in custom_resources(config):
         print(f"warning: models ask for the custom Ray resource {name!r}: add it to a worker group's "
               f"rayStartParams.resources, or their replicas never start", file=sys.stderr)
-    text = to_yaml(render(options, config, with_pod_monitor=args.pod_monitor), "Generated by `hybridserve deploy render`.")
+    if args.kustomize:
+        if args.gpu or args.image or args.pod_monitor:
+            print("error: --kustomize renders both overlays and the monitoring component; images are set in "
+                  "the overlays' kustomization.yaml: drop --gpu, --image and --pod-monitor", file=sys.stderr)
+            return 2
+        root = Path(args.kustomize)
+        for relative, text in kustomize_files(repository, args.models_claim).items():
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            (root / relative).write_text(text)
+            print(f"wrote {root / relative}", file=sys.stderr)
+        return 0
+    documents = render(options, config, with_pod_monitor=args.pod_monitor)
+    text = to_yaml(documents, "Generated by `hybridserve deploy render`.")
     if args.out:
         Path(args.out).write_text(text)
     else:
@@ -365,7 +370,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     deploy_sub = deploy_p.add_subparsers(dest="deploy_command", required=True)
     render_p = deploy_sub.add_parser("render", help="render the RayService and its Services, PDB, PVC")
     render_p.add_argument("--repository", help="folder of *.yaml model specs (default: the built-in models)")
-    render_p.add_argument("--image", help="container image (default: hybridserve:cpu, or hybridserve:gpu with --gpu)")
+    render_p.add_argument("--image", help="container image (default: hybridserve:gpu when a model asks for a GPU, "
+                                            "else hybridserve:cpu)")
     render_p.add_argument("--gpu", action="store_true",
                           help="serve every model on a GPU worker group (fractional GPUs per replica)")
     render_p.add_argument("--gpus-per-replica", type=float, default=DEFAULT_GPUS_PER_REPLICA,

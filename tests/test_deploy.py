@@ -261,6 +261,22 @@ def test_render_warns_about_custom_resources_no_group_offers(tmp_path, capsys):
     assert "'fast_disk'" in capsys.readouterr().err
 
 
+def test_a_cuda_spec_brings_the_gpu_group_and_image_without_the_flag(tmp_path):
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    for name, device in (("psnr", {"type": "cuda", "gpus": 0.5}), ("ssim", {"type": "cpu"})):
+        data = {**yaml.safe_load((builtin_repository() / f"{name}.yaml").read_text()), "device": device}
+        (repository / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    rayservice = validate_documents(_render(tmp_path, "--repository", str(repository)))["RayService"]
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    options = {d["name"]: d["ray_actor_options"] for d in config["applications"][0]["deployments"]}
+    assert options["model-psnr"]["num_gpus"] == 0.5 and "num_gpus" not in options["model-ssim"]
+    cpu, gpu = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert (cpu["minReplicas"], gpu["minReplicas"]) == (1, 1)
+    assert _container(gpu)["image"] == "hybridserve:gpu"
+    assert main(["deploy", "render", "--kustomize", str(tmp_path / "tree"), "--gpu"]) == 2
+
+
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
 def test_kustomize_overlays_build_and_validate(overlay, tmp_path):
     kubectl = shutil.which("kubectl")

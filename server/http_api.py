@@ -49,6 +49,7 @@ from hybridserve.server.security import AuthMiddleware, AuthPolicy
 
 log = logging.getLogger("hybridserve.http")
 
+ERROR_RESPONSES: dict = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
 RESULT_MODELS = {
     "classify": ClassificationResult,
     "detect": DetectionResult,
@@ -205,7 +206,6 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
         description="Inference server for hybrid CNN-Transformer vision models.",
         docs_url="/docs",
         redoc_url=None,
-        responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503, 504)},
     )
     app.state.plane = plane
     policy = AuthPolicy.from_env()
@@ -265,11 +265,13 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
     for task, verb in TASK_VERBS.items():
         _add_infer_route(app, infer, verb, task, body_doc)
 
-    @app.get("/v1/models", response_model=ModelList, tags=["models"], summary="List the served models")
+    @app.get("/v1/models", response_model=ModelList, tags=["models"], summary="List the served models",
+             responses=ERROR_RESPONSES)
     async def list_models() -> Response:
         return _json(await plane.list_models())
 
-    @app.get("/v1/models/{name}", response_model=ModelInfo, tags=["models"], summary="Describe one model")
+    @app.get("/v1/models/{name}", response_model=ModelInfo, tags=["models"], summary="Describe one model",
+             responses=ERROR_RESPONSES)
     async def model_info(name: str) -> Response:
         return _json(await plane.model_info(name))
 
@@ -277,7 +279,8 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
     async def healthz() -> Health:
         return Health(status="ok")
 
-    @app.get("/readyz", response_model=Health, tags=["health"], summary="Ready once every model is warmed up")
+    @app.get("/readyz", response_model=Health, tags=["health"], summary="Ready once every model is warmed up",
+             responses={503: {"model": Health}})
     async def readyz() -> Response:
         health = await plane.health()
         return Response(health.model_dump_json(), status_code=200 if health.status == "ok" else 503,
@@ -296,7 +299,7 @@ def query_options(
 
 
 def _add_infer_route(app: FastAPI, infer, verb: str, task: str, doc: dict) -> None:
-    responses: dict = {200: {"model": RESULT_MODELS[verb]}}
+    responses: dict = {**ERROR_RESPONSES, 200: {"model": RESULT_MODELS[verb]}}
     if verb == "restore":
         responses[200]["content"] = {"image/png": {}, "image/jpeg": {}, "image/webp": {}}
 

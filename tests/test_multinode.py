@@ -54,7 +54,8 @@ print(json.dumps({"worker_nodes": workers, "replica_nodes": replicas}))
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment of this cluster's processes: none of the session Ray's settings (RAY_ADDRESS...)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env.update({
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",

@@ -3,8 +3,8 @@
 Run ``python clients/generate_protos.py`` after editing a ``.proto`` file and commit the result;
 a test regenerates into a temporary folder and fails if the committed files differ.
 
-protoc names generated imports after the proto import paths (``from hybridserve.v1 import ...``);
-they are rewritten to live under ``hybridserve_client._grpc``. The OIP service file
+protoc names generated modules after the proto paths (``from hybridserve.v1 import ...``); those
+names are rewritten to live under ``hybridserve_client._grpc``. The OIP service file
 (``inference/grpc_service.proto``) gets only its ``*_pb2_grpc`` module: its ``*_pb2`` would put
 ``inference.GRPCInferenceService`` in protobuf's default descriptor pool, where tritonclient's
 own definition of it lives too.
@@ -30,7 +30,12 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "hybridserve/oip/v2/open_inference.proto": ("--python_out", "--pyi_out"),
     "inference/grpc_service.proto": ("--grpc_python_out",),
 }
-_IMPORT = re.compile(r"^from ((?:hybridserve|inference)(?:\.\w+)*) import (\w+_pb2)", re.MULTILINE)
+# Module names protoc derives from proto paths: in imports, and the name message classes report
+# (``__module__``, which pickling of messages across Ray processes imports).
+_MODULE_NAMES = (
+    re.compile(r"^(from )((?:hybridserve|inference)(?:\.\w+)*)( import \w+_pb2)", re.MULTILINE),
+    re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')((?:hybridserve|inference)[\w.]*)(')"),
+)
 
 
 def _protoc(proto: str, flags: tuple[str, ...], out: Path) -> None:
@@ -53,7 +58,9 @@ def generate(target: Path) -> list[Path]:
         written = []
         for source in sorted(out.rglob("*.py*")):
             relative = source.relative_to(out)
-            text = _IMPORT.sub(lambda m: f"from {PACKAGE}.{m.group(1)} import {m.group(2)}", source.read_text())
+            text = source.read_text()
+            for pattern in _MODULE_NAMES:
+                text = pattern.sub(lambda m: f"{m.group(1)}{PACKAGE}.{m.group(2)}{m.group(3)}", text)
             destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
             destination.write_text(text)

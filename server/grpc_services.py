@@ -114,7 +114,8 @@ def call_from_proto(request: oip_pb.ModelInferRequest) -> oip.InferCall:
         if field is None:
             raise InvalidInput(f"input {tensor.name!r}: datatype {tensor.datatype!r} has no typed contents; "
                                "send it in raw_input_contents")
-        inputs.append(oip.tensor_from_values(tensor.name, tensor.datatype, shape, getattr(tensor.contents, field)))
+        values = list(getattr(tensor.contents, field))
+        inputs.append(oip.tensor_from_values(tensor.name, tensor.datatype, shape, values))
     return oip.InferCall(
         model=request.model_name,
         version=request.model_version,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hybridserve.models import create_model
-from hybridserve.server.compile import compile_model
+from hybridserve.server.compile import CompileResult, compile_model
 from hybridserve.server.errors import DeadlineExceeded, HybridServeError, InternalError, ModelNotReady, Overloaded
 from hybridserve.server.handlers import InferenceRequest, TaskHandler, handler_for
 from hybridserve.server.spec import ModelSpec
@@ -72,6 +72,7 @@ class ModelRuntime:
         self.status = "loading"
         self.reason: str | None = None
         self.backend: str | None = None
+        self.compiled: CompileResult | None = None
         self.load_seconds: float | None = None
         self.handler: TaskHandler | None = None
         self.in_flight_items = 0
@@ -93,7 +94,8 @@ class ModelRuntime:
             )
             loaded.module.to(self.device)
             handler = handler_for(spec.task)(spec, loaded, self.device)
-            handler.module, self.backend = compile_model(handler, spec.compile, self.device)
+            self.compiled = compile_model(handler, spec.compile, self.device)
+            handler.module, self.backend = self.compiled.module, self.compiled.backend
             self.handler = handler
             self._warm_up()
             self.status = "ready"
@@ -101,16 +103,17 @@ class ModelRuntime:
             self.status, self.reason = "failed", f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", self.spec.name, self.reason)
         self.load_seconds = round(time.perf_counter() - started, 3)
-        log.info("model %s %s in %.2fs (backend %s)", self.spec.name, self.status, self.load_seconds, self.backend)
+        cache = self.compiled.cache if self.compiled else None
+        log.info("model %s %s in %.2fs (backend %s%s)", self.spec.name, self.status, self.load_seconds, self.backend,
+                 f", compile cache {cache}" if cache else "")
 
     def _warm_up(self) -> None:
-        """Run one request through the whole pipeline; compiled backends also see every batch size."""
+        """Run one request through the whole pipeline; compiled backends also run every batch size or bucket."""
         handler = self.handler
         prepared = handler.preprocess(handler.warmup_request())
         handler.postprocess(prepared, handler.forward(prepared.items))
-        if self.backend != "eager":
-            for size in sorted({1, 2, self.spec.batching.max_batch_size}):
-                handler.forward([prepared.items[0]] * size)
+        for size in self.compiled.warmup_sizes:
+            handler.forward([self.compiled.example] * size)
 
     # ------------------------------------------------------------ serving
 

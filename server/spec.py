@@ -85,6 +85,20 @@ class Device(_Frozen):
 class Compile(_Frozen):
     backend: Literal["eager", "inductor", "aot", "tensorrt"] = "eager"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    batch_buckets: tuple[Annotated[int, Field(ge=1, le=1024)], ...] | None = Field(
+        default=None,
+        description="Static batch sizes a compiled model is built for (batches are padded up to the next one). "
+        "Unset: one dynamic batch dimension where the model exports with one, else powers of two.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Compile:
+        if self.batch_buckets is not None:
+            if not self.batch_buckets:
+                raise ValueError("batch_buckets needs at least one size")
+            if list(self.batch_buckets) != sorted(set(self.batch_buckets)):
+                raise ValueError("batch_buckets must be increasing, without repeats")
+        return self
 
 
 class Restoration(_Frozen):

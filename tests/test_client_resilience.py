@@ -63,7 +63,7 @@ class ScriptedServer:
         if behaviour == "throttled" and attempt == 1:
             return JSONResponse({"detail": "slow down"}, status_code=429)
         if behaviour == "slow":
-            await asyncio.sleep(3)
+            await asyncio.sleep(1.5)
         scripted = {
             "busy": lambda: error(503, "overloaded", retry_after=1),
             "loading": lambda: error(503, "model_not_ready"),
@@ -81,7 +81,8 @@ class ScriptedServer:
 def scripted():
     fake = ScriptedServer()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_level="warning",
+                                          timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -85,7 +85,7 @@ def _optional(message: Any, name: str) -> Any:
 
 def model_info(message: Any) -> ModelInfo:
     contract, batching = message.input, message.batching
-    size = (contract.input_height, contract.input_width) if contract.HasField("input_height") else None
+    size = tuple(contract.input_size) or None
     return ModelInfo(
         name=message.name, task=message.task, verb=message.verb, architecture=message.architecture,
         status=message.status, reason=_optional(message, "reason"),
@@ -115,12 +115,12 @@ def from_grpc(operation: Operation, reply: Any) -> Result:
             ClassPrediction(label=p.label, index=p.index, score=p.score) for p in reply.predictions])
     if operation.verb == "detect":
         return DetectionResult(model=reply.model, width=reply.width, height=reply.height, detections=[
-            Detection(box=(d.box.x1, d.box.y1, d.box.x2, d.box.y2), label=d.label, index=d.index, score=d.score)
+            Detection(box=tuple(d.box), label=d.label, index=d.index, score=d.score)
             for d in reply.detections])
     if operation.verb == "restore":
         return RestoredImage(reply.model, reply.width, reply.height, reply.format, reply.image)
     return AssessmentResult(model=reply.model, score=reply.score, kind=reply.kind,
-                            range=(reply.range.low, reply.range.high), higher_is_better=reply.higher_is_better)
+                            range=tuple(reply.range), higher_is_better=reply.higher_is_better)
 
 
 def rpc_error(exc: grpc.RpcError, operation: Operation) -> HybridServeError:

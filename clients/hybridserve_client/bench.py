@@ -118,7 +118,7 @@ def http_error_code(status: int, body: bytes, headers: Any) -> str | None:
     return None if status < 400 else error_from_http(status, body, headers).code
 
 
-def aiohttp_engine(url: str, concurrency: int) -> tuple[AsyncSend, Callable[[], Awaitable[None]]]:
+def aiohttp_engine(url: str) -> tuple[AsyncSend, Callable[[], Awaitable[None]]]:
     import aiohttp
 
     session = aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(limit=0))
@@ -144,13 +144,13 @@ def aiohttp_engine(url: str, concurrency: int) -> tuple[AsyncSend, Callable[[], 
     return send, session.close
 
 
-def httpx_async_engine(url: str, concurrency: int) -> tuple[AsyncSend, Callable[[], Awaitable[None]]]:
+def httpx_async_engine(url: str) -> tuple[AsyncSend, Callable[[], Awaitable[None]]]:
     from hybridserve_client._http import AsyncHTTPTransport
 
-    return _transport_send(AsyncHTTPTransport(url, max_in_flight=concurrency))
+    return _transport_send(AsyncHTTPTransport(url))
 
 
-def grpc_engine(url: str, concurrency: int) -> tuple[AsyncSend, Callable[[], Awaitable[None]]]:
+def grpc_engine(url: str) -> tuple[AsyncSend, Callable[[], Awaitable[None]]]:
     from hybridserve_client._grpc_transport import AsyncGRPCTransport
 
     return _transport_send(AsyncGRPCTransport(url))
@@ -339,7 +339,7 @@ def run_bench(config: BenchConfig) -> list[LevelResult]:
 
 async def _run_async(factory: Callable[..., Any], config: BenchConfig, operations: list[Operation], level: float,
                      samples: Samples, progress: Progress) -> None:
-    send, close = factory(config.url, int(level) if config.mode == "concurrency" else 100)
+    send, close = factory(config.url)
     try:
         await _async_level(send, operations, config.mode, level, samples, progress)
     finally:

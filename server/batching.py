@@ -5,6 +5,9 @@ when the queue is empty and the worker idle, a lone item runs at once (no fixed 
 concurrency 1). One batch computes at a time, in a worker thread, so the event loop keeps
 decoding and queueing the next batch meanwhile. Under Ray the deployment uses
 ``@serve.batch`` instead; both call the same ``run_batch``.
+
+With ``latency_slo_ms`` an ``AdaptiveBatchController`` re-chooses the batch size and wait
+after every batch (``max_batch_size`` is then the ceiling).
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hybridserve.server.adaptive import AdaptiveBatchController, BatchingChoice
+
 
 class AsyncBatcher:
-    def __init__(self, run_batch: Callable[[Sequence[Any]], list[Any]], max_batch_size: int, max_wait_ms: float):
+    def __init__(self, run_batch: Callable[[Sequence[Any]], list[Any]], max_batch_size: int, max_wait_ms: float,
+                 latency_slo_ms: float | None = None):
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
-        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self.controller = None if latency_slo_ms is None else AdaptiveBatchController(
+            latency_slo_ms, max_batch_size, BatchingChoice(max_batch_size, max_wait_ms))
+        self._queue: list[tuple[Any, asyncio.Future, float]] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -33,7 +41,10 @@ class AsyncBatcher:
             self._wakeup = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._loop())
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((entry, future))
+        now = time.monotonic()
+        self._queue.append((entry, future, now))
+        if self.controller is not None:
+            self.controller.arrival(now)
         self._wakeup.set()
         return await future
 
@@ -43,18 +54,24 @@ class AsyncBatcher:
             self._wakeup.clear()
             while self._queue:
                 await self._fill()
+                waiting = len(self._queue)
                 batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size :]
-                batch = [(e, f) for e, f in batch if not f.cancelled()]
+                batch = [(e, f, t) for e, f, t in batch if not f.cancelled()]
                 if not batch:
                     continue
+                started = time.monotonic()
                 try:
-                    results = await asyncio.to_thread(self._run_batch, [e for e, _ in batch])
+                    results = await asyncio.to_thread(self._run_batch, [e for e, _, _ in batch])
                 except Exception as exc:  # the whole batch failed: every caller sees it
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), result in zip(batch, results):
+                if self.controller is not None:
+                    choice = self.controller.observe(len(batch), time.monotonic() - started,
+                                                     [started - t for _, _, t in batch], waiting)
+                    self.configure(choice.max_batch_size, choice.max_wait_ms)
+                for (_, future, _), result in zip(batch, results):
                     if not future.done():
                         future.set_result(result)
 

@@ -17,7 +17,8 @@ def local_endpoint(spec: ModelSpec, device: str | None = None) -> LocalEndpoint:
     """Load one model (with warm-up) and put an in-process batcher in front of it."""
     runtime = ModelRuntime(spec, device)
     runtime.load()
-    batcher = AsyncBatcher(runtime.run_batch, spec.batching.max_batch_size, spec.batching.max_wait_ms)
+    batcher = AsyncBatcher(runtime.run_batch, spec.batching.max_batch_size, spec.batching.max_wait_ms,
+                           spec.batching.latency_slo_ms)
 
     def batching() -> BatchingInfo:
         return BatchingInfo(max_batch_size=batcher.max_batch_size, max_wait_ms=batcher.max_wait_s * 1000.0,

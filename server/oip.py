@@ -226,7 +226,8 @@ def _split_bytes(name: str, raw: bytes) -> list[bytes]:
         (size,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + size > len(raw):
-            raise InvalidInput(f"input {name!r}: a BYTES element claims {size} bytes but only {len(raw) - offset} remain")
+            left = len(raw) - offset
+            raise InvalidInput(f"input {name!r}: a BYTES element claims {size} bytes but only {left} remain")
         elements.append(raw[offset:offset + size])
         offset += size
     return elements
@@ -334,11 +335,14 @@ def _check_shape(tensor: Tensor, spec: TensorSpec) -> None:
         expected = "[N] or [N, 1]"
     else:
         fits = len(shape) == len(spec.shape) and all(want in (-1, got) for want, got in zip(spec.shape, shape))
-        expected = "[" + ", ".join("N" if i == 0 else ("*" if d == -1 else str(d)) for i, d in enumerate(spec.shape)) + "]"
+        dims = ["N", *("*" if dim == -1 else str(dim) for dim in spec.shape[1:])]
+        expected = f"[{', '.join(dims)}]"
     if not fits:
         raise InvalidInput(f"input {tensor.name!r}: shape must be {expected}, got {shape}")
     if not 1 <= shape[0] <= MAX_IMAGES_PER_REQUEST:
-        raise InvalidInput(f"input {tensor.name!r}: a request carries 1..{MAX_IMAGES_PER_REQUEST} images, got {shape[0]}")
+        raise InvalidInput(
+            f"input {tensor.name!r}: a request carries 1..{MAX_IMAGES_PER_REQUEST} images, got {shape[0]}"
+        )
 
 
 def _images(inputs: dict[str, Tensor], prefix: str) -> list[bytes | np.ndarray]:
@@ -413,7 +417,8 @@ def _detection(spec: ModelSpec, results: list[DetectionResult], wanted: list[str
 
 def _restoration(spec: ModelSpec, results: list[RestoredImage], wanted: list[str],
                  requested: Options) -> dict[str, Tensor]:
-    tensors = {"restored_encoded": _tensor("restored_encoded", "BYTES", _object_array([r.data for r in results], [len(results)]))}
+    encoded = _object_array([r.data for r in results], [len(results)])
+    tensors = {"restored_encoded": _tensor("restored_encoded", "BYTES", encoded)}
     if "restored_image" in wanted:
         shapes = {r.pixels.shape for r in results}
         if len(shapes) > 1:

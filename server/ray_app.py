@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from ray import serve
 from ray.serve import Application
 
 from hybridserve_client.schemas import BatchingInfo, ModelInfo
+from hybridserve.server.adaptive import AdaptiveBatchController, BatchingChoice
 from hybridserve.server.dataplane import DataPlane, LocalEndpoint, describe
 from hybridserve.server.errors import HybridServeError, ModelNotReady, as_hybridserve_error
 from hybridserve.server.grpc_services import OIPServicerMixin, TaskServicerMixin
@@ -89,17 +91,38 @@ class ModelDeployment:
         self.spec = spec
         self.runtime = ModelRuntime(spec, device)
         self.runtime.load()
-        self.plane = DataPlane({spec.name: LocalEndpoint(self.runtime, self._submit, self._batching)})
+        batching = spec.batching
+        # With a latency objective the controller re-chooses batch size and wait after every batch.
+        self.adaptive = None if batching.latency_slo_ms is None else AdaptiveBatchController(
+            batching.latency_slo_ms, batching.max_batch_size, BatchingChoice(batching.max_batch_size, batching.max_wait_ms))
+        submit = self._submit if self.adaptive is None else self._arrive
+        self.plane = DataPlane({spec.name: LocalEndpoint(self.runtime, submit, self._batching)})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Change batching in place (Serve calls this on a new ``user_config``, no restart)."""
-        self._submit.set_max_batch_size(int(user_config.get("max_batch_size", self.spec.batching.max_batch_size)))
+        size = int(user_config.get("max_batch_size", self.spec.batching.max_batch_size))
         wait_ms = float(user_config.get("max_wait_ms", self.spec.batching.max_wait_ms))
-        self._submit.set_batch_wait_timeout_s(wait_ms / 1000.0)
+        if self.adaptive is not None:  # the configured size becomes the controller's ceiling
+            self.adaptive.ceiling = size
+        self._set_batching(BatchingChoice(size, wait_ms))
+
+    def _set_batching(self, choice: BatchingChoice) -> None:
+        self._submit.set_max_batch_size(choice.max_batch_size)
+        self._submit.set_batch_wait_timeout_s(choice.max_wait_ms / 1000.0)
+
+    async def _arrive(self, entry: Entry) -> BatchOutput:
+        self.adaptive.arrival()
+        return await self._submit(entry)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _submit(self, entries: list[Entry]) -> list[BatchOutput]:
-        return await asyncio.to_thread(self.runtime.run_batch, entries)
+        if self.adaptive is None:
+            return await asyncio.to_thread(self.runtime.run_batch, entries)
+        waiting, started = self.runtime.in_flight_items, time.monotonic()
+        outputs = await asyncio.to_thread(self.runtime.run_batch, entries)
+        self._set_batching(self.adaptive.observe(len(entries), time.monotonic() - started,
+                                                 [started - entry.enqueued for entry in entries], waiting))
+        return outputs
 
     def _batching(self) -> BatchingInfo:
         return BatchingInfo(

@@ -7,8 +7,11 @@ HTTP status and gRPC code of ``ERROR_TABLE`` from the typed and the OIP APIs ali
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from tests.test_http_api import png
 from tests.test_oip import case_for, set5
 
 CLIENTS = Path(__file__).resolve().parents[1] / "clients"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "protocols.md"
 MESSAGE_LIMIT = 64 * 1024 * 1024
 
 
@@ -63,7 +67,8 @@ def test_generated_code_is_up_to_date(tmp_path):
     names = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(committed) for p in committed.rglob("*") if p.suffix in (".py", ".pyi"))
     for name in names:
-        assert (fresh / name).read_bytes() == (committed / name).read_bytes(), f"{name} is stale: run clients/generate_protos.py"
+        stale = f"{name} is stale: run clients/generate_protos.py"
+        assert (fresh / name).read_bytes() == (committed / name).read_bytes(), stale
 
 
 # ------------------------------------------------------------------ models
@@ -100,7 +105,8 @@ def test_classify_an_image_larger_than_4_mb(server, stub):
     assert len(image) > 4 * 1024 * 1024
     answer = ClassificationResult.model_validate(as_dict(stub.Classify(
         v1.ClassifyRequest(model="timm-convnext", image=image), timeout=300)))
-    http = ClassificationResult.model_validate_json(typed_http(server, "timm-convnext", "classify", {"image": image}).content)
+    http = typed_http(server, "timm-convnext", "classify", {"image": image})
+    http = ClassificationResult.model_validate_json(http.content)
     assert [p.label for p in answer.predictions] == [p.label for p in http.predictions]
 
 
@@ -112,6 +118,7 @@ def test_detect(server, stub):
     http = DetectionResult.model_validate_json(
         typed_http(server, "detector", "detect", {"image": image}, score_threshold=0.05, max_detections=5).content)
     assert (grpc_result.width, grpc_result.height) == (http.width, http.height)
+    assert grpc_result.detections, "the scene holds shapes the detector should find"
     assert [d.label for d in grpc_result.detections] == [d.label for d in http.detections]
     np.testing.assert_allclose([d.box for d in grpc_result.detections], [d.box for d in http.detections], atol=0.02)
 
@@ -236,3 +243,36 @@ def test_error_table_in_both_transports(server, stub, code):
     assert oip_status(http, httpclient, bad) == str(kind.http_status)
     assert oip_status(grpcclient.InferenceServerClient(server.grpc_target), grpcclient, bad) == str(kind.grpc_code)
 
+
+
+# ------------------------------------------------------------------ docs/protocols.md
+
+
+def test_protocol_docs_examples_work_as_written(server, tmp_path, monkeypatch):
+    """Every python and bash block of docs/protocols.md runs against the server (only the ports differ)."""
+    server.need("classifier")
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(set5("head", (64, 64))).save("image.png")
+    ports = {"localhost:8000": f"localhost:{server.http_url.rsplit(':', 1)[1]}",
+             "localhost:9000": f"localhost:{server.grpc_target.rsplit(':', 1)[1]}"}
+    blocks = re.findall(r"```(python|bash)\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    assert sorted({language for language, _ in blocks}) == ["bash", "python"] and len(blocks) >= 4
+    for language, code in blocks:
+        for default, actual in ports.items():
+            code = code.replace(default, actual)
+        if language == "python":
+            with contextlib.redirect_stdout(io.StringIO()) as printed:
+                exec(compile(code, str(DOCS), "exec"), {"__name__": "docs_example"})
+            output = printed.getvalue()
+        else:
+            done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            output = done.stdout
+            assert '"top_k_labels"' in output and '"error"' not in output
+        assert output.strip(), code
+
+
+def test_docs_error_table_is_the_error_table():
+    rows = re.findall(r"^\| `(\w+)` \| (\d{3}) \| ([A-Z_]+) \|", DOCS.read_text(), re.MULTILINE)
+    assert {code: (int(status), name) for code, status, name in rows} == {
+        code: (kind.http_status, kind.grpc_code.name) for code, kind in ERROR_TABLE.items()}

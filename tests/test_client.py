@@ -192,7 +192,8 @@ def test_assess_full_reference_pairs(api, server):
         assert isinstance(result, AssessmentResult) and result.kind == "full-reference"
         expected = psnr(np.asarray(Image.open(dist).convert("RGB")), np.asarray(Image.open(ref).convert("RGB")))
         assert result.score == pytest.approx(expected, abs=0.01)
-    same = api.assess("psnr", [references[0], distorted[0]], reference=references[0])  # one reference for all
+    with open(references[0], "rb") as shared:  # one reference (here a file object) serves every image
+        same = api.assess("psnr", [references[0], distorted[0]], reference=shared)
     assert same[0].score == pytest.approx(100.0) and same[1].score == pytest.approx(results[0].score)
 
 

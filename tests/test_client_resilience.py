@@ -1,17 +1,21 @@
-"""Client retries, timeouts, error mapping and headers against a small scripted HTTP server.
+"""Client retries, timeouts, error mapping, headers and authentication, without Ray.
 
-The server is a real Starlette app under uvicorn on 127.0.0.1 (no Ray): each model name
-scripts one behaviour (503 then 200, 429, 400, 500, a slow answer, ...), and every request
-is recorded so the tests can count attempts and read the headers the client sent.
+Most tests use a small scripted server, a real Starlette app under uvicorn on 127.0.0.1: each
+model name scripts one behaviour (503 then 200, 429, 400, 500, a slow answer, ...), and every
+request is recorded so the tests can count attempts and read the headers the client sent.
+The authentication test runs hybridserve's own HTTP app in process (the PSNR model, no Ray)
+with API keys configured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -35,6 +39,7 @@ from hybridserve_client import (
     ServerError,
     Timeout,
     Unauthenticated,
+    Unavailable,
 )
 from tests.conftest import free_port
 
@@ -77,22 +82,31 @@ class ScriptedServer:
         return JSONResponse({"model": name, **OK_BODY}, headers={"X-Request-ID": request.headers["x-request-id"]})
 
 
-@pytest.fixture(scope="module")
-def scripted():
-    fake = ScriptedServer()
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """Run an ASGI app under uvicorn in a thread on 127.0.0.1; yields its URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                           timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
-        assert time.monotonic() < deadline, "the scripted server did not start"
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.05)
-    fake.url = f"http://127.0.0.1:{port}"
-    yield fake
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    fake = ScriptedServer()
+    with serving(fake.app) as url:
+        fake.url = url
+        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +188,14 @@ def test_connection_refused_is_retried_then_connection_failed():
     assert caught.value.retryable and caught.value.request_id
 
 
+def test_unreachable_grpc_server_is_unavailable():
+    with Client(f"grpc://127.0.0.1:{free_port()}", retries=1, backoff=0.01, timeout=5) as client:
+        assert client.live() is False
+        with pytest.raises(Unavailable) as caught:
+            client.classify("classifier", b"\x89PNG\r\n\x1a\n")
+    assert caught.value.retryable and caught.value.status is None
+
+
 def test_a_failing_image_fails_the_batch(scripted, image):
     with Client(scripted.url, retries=0, max_in_flight=2) as client, pytest.raises(InvalidInput):
         client.classify("bad-batch", [image] * 5)
@@ -193,3 +215,27 @@ async def test_async_client_retries_and_maps_errors(scripted, image):
     assert len(scripted.hits["loading-async"]) == 3
     assert len(scripted.hits["bad-async"]) == 1
     assert len(scripted.hits["throttled-async"]) == 2
+
+
+def test_api_key_and_bearer_token_against_hybridserve_with_keys(monkeypatch):
+    import torch
+
+    from hybridserve.server.http_api import create_http_app
+    from hybridserve.server.local import local_plane
+    from hybridserve.server.spec import builtin_repository, load_spec
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("HYBRIDSERVE_API_KEYS", "key-one,key-two")
+    app = create_http_app(local_plane([load_spec(builtin_repository() / "psnr.yaml")]))
+    picture = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    with serving(app) as url:
+        with Client(url, retries=2) as anonymous:
+            assert anonymous.ready(), "health stays open"
+            with pytest.raises(Unauthenticated) as caught:
+                anonymous.assess("psnr", picture, reference=picture)
+        with Client(url, api_key="wrong") as wrong, pytest.raises(Unauthenticated):
+            wrong.models()
+        with Client(url, api_key="key-one") as keyed, Client(url, token="key-two") as bearer:
+            assert keyed.assess("psnr", picture, reference=picture).score == pytest.approx(100.0)
+            assert [m.name for m in bearer.models()] == ["psnr"]
+    assert (caught.value.status, caught.value.code) == (401, "unauthenticated")

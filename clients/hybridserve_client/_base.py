@@ -133,7 +133,8 @@ class BaseClient:
             if len(reference) != len(image):
                 raise ValueError(f"{len(image)} images but {len(reference)} references")
             return list(zip(image, reference, strict=True))
-        return [(item, reference) for item in image]
+        shared = None if reference is None else encode_image(reference)  # read and encoded once for all
+        return [(item, shared) for item in image]
 
     # ------------------------------------------------------------ the API, shared by both clients
     # Each method returns what ``_infer``/``_call``/``_probe`` return: the result itself on ``Client``,

@@ -116,7 +116,8 @@ def _restoration(model: str, content_type: str, headers: Mapping[str, str], body
 
 
 def httpx_timeout(timeout: float | None) -> httpx.Timeout:
-    return httpx.Timeout(None if timeout is None else timeout + GRACE_S, connect=timeout)
+    """Every phase (connect, write, read, pool) gets the server's deadline plus the grace."""
+    return httpx.Timeout(None if timeout is None else timeout + GRACE_S)
 
 
 def transport_error(exc: httpx.TransportError, operation: Operation) -> HybridServeError:

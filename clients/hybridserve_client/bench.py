@@ -10,7 +10,9 @@ queueing (no coordinated omission).
 Engines (``--engine``): ``aiohttp`` (asyncio, the default for http(s):// when installed),
 ``threads`` (a thread pool sharing one httpx.Client, the fallback), ``httpx`` (httpx's
 AsyncClient, for comparison) and ``grpc`` (grpc.aio, the only choice for grpc:// URLs).
-Requests are built by the SDK itself; replies are read but not parsed, as perf_analyzer does.
+Requests are built by the SDK itself. The aiohttp and threads engines read replies without
+parsing them, as perf_analyzer does; the httpx and grpc engines go through the SDK's own
+transports, typed results included.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from hybridserve.server.deploy_render import add_deploy_parser
+from hybridserve.server.logs import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging
 from hybridserve.server.spec import SpecError, builtin_repository, load_repository, load_spec
 
 
@@ -63,6 +64,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    os.environ[LOG_FORMAT_ENV] = configure_logging(args.log_format)  # Ray workers started here inherit it
     repository = _repository(args.repository)
     specs = load_repository(repository)  # fail fast, before Ray starts
     if args.no_ray:
@@ -70,12 +72,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _serve_ray(str(repository), specs, args)
 
 
-def _banner(args: argparse.Namespace, specs, grpc: bool) -> None:
+def _banner(args: argparse.Namespace, specs, grpc: bool, metrics_targets: list[str] | None = None) -> None:
     host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     base = f"http://{host}:{args.port}"
     print(f"\nhybridserve is serving {len(specs)} model(s) at {base}  (docs: {base}/docs)")
     if grpc:
         print(f"gRPC (hybridserve.v1 and the Open Inference Protocol): {host}:{args.grpc_port}")
+    print(f"Prometheus metrics (docs/metrics.md): {', '.join(metrics_targets or [base + '/metrics'])}")
     for spec in specs:
         print(f"  POST {base}/v1/models/{spec.name}/{spec.verb}")
     first = specs[0]
@@ -102,6 +105,7 @@ def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from hybridserve.server import metrics
     from hybridserve.server.ray_app import APP_NAME, AppArgs, app
 
     # A local cluster gets enough logical CPUs for every replica; torch threads follow each spec.
@@ -109,14 +113,15 @@ def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
                  for spec in specs)
     num_cpus = None if args.address else max(os.cpu_count() or 1, int(wanted + 0.999) + 1)
     ray.init(address=args.address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=args.verbose, configure_logging=True,
-             logging_level=logging.INFO if args.verbose else logging.WARNING)
+             logging_level=logging.INFO if args.verbose else logging.WARNING,
+             _metrics_export_port=None if args.address else metrics.metrics_export_port(args.metrics_export_port))
     serve.start(
         http_options={"host": args.host, "port": args.port},
         grpc_options={"port": args.grpc_port, "grpc_servicer_functions": grpc_servicers()},
     )
     print(f"Loading {len(specs)} model(s) on Ray Serve ...", flush=True)
     serve.run(app(AppArgs(repository=repository, device=args.device)), name=APP_NAME, route_prefix="/")
-    _banner(args, specs, grpc=bool(grpc_servicers()))
+    _banner(args, specs, grpc=bool(grpc_servicers()), metrics_targets=metrics.ray_metrics_targets())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -150,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     serve_p.add_argument("--no-ray", action="store_true", help="serve in this process without Ray (HTTP only)")
     serve_p.add_argument("--verbose", action="store_true")
+    serve_p.add_argument("--log-format", choices=LOG_FORMATS, help=f"log lines as text or JSON (default: ${LOG_FORMAT_ENV} or text)")
+    serve_p.add_argument("--metrics-export-port", type=int, default=8080,
+                         help="Ray's Prometheus export port on a local cluster (KubeRay's 8080; another if taken)")
     serve_p.set_defaults(func=cmd_serve)
 
     models_p = sub.add_parser("models", help="inspect model repositories")

@@ -20,7 +20,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from hybridserve_client._grpc.hybridserve.oip.v2 import open_inference_pb2 as oip_pb
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as v1
-from hybridserve.server import oip
+from hybridserve.server import metrics, oip
 from hybridserve.server.dataplane import DataPlane
 from hybridserve.server.errors import InvalidInput, as_hybridserve_error
 from hybridserve.server.handlers import InferenceRequest, Options
@@ -60,16 +60,20 @@ def report_error(context: RayServegRPCContext | None, exc: BaseException) -> Non
     context.set_trailing_metadata(metadata)
 
 
-def _rpc(response_type: type):
-    """An RPC method whose failures become a status (and an empty ``response_type`` message)."""
+def _rpc(response_type: type, api: str | None = None):
+    """An RPC method whose failures become a status (and an empty ``response_type`` message).
+
+    ``api`` ("grpc", "oip") marks an inference RPC: counted in the metrics and logged per request."""
 
     def decorate(method):
         @functools.wraps(method)
         async def call(self, request, grpc_context: RayServegRPCContext | None = None):
+            seen = metrics.observe_rpc(api, self.plane.endpoints, request, grpc_context)
             try:
-                return await method(self, request, grpc_context)
+                return seen.answered(await method(self, request, grpc_context))
             except Exception as exc:
                 report_error(grpc_context, exc)
+                seen.failed(exc)
                 return response_type()
 
         return call
@@ -171,7 +175,7 @@ class OIPServicerMixin:
             inputs=_tensor_metadata(metadata.inputs), outputs=_tensor_metadata(metadata.outputs),
         )
 
-    @_rpc(oip_pb.ModelInferResponse)
+    @_rpc(oip_pb.ModelInferResponse, api="oip")
     async def ModelInfer(self, request, grpc_context=None):
         call = call_from_proto(request)
         answer = await oip.infer(self.plane, call, request_timeout(grpc_context))
@@ -194,14 +198,15 @@ class TaskServicerMixin:
     async def _infer(self, request, verb: str, options: Options, context, reference: bytes | None = None):
         inference = InferenceRequest(request.image, reference, options)
         outcome = await self.plane.infer(request.model, verb, inference, request_timeout(context))
+        metrics.note_outcomes([outcome])
         return outcome.result
 
-    @_rpc(v1.ClassificationResult)
+    @_rpc(v1.ClassificationResult, api="grpc")
     async def Classify(self, request, grpc_context=None):
         options = oip.options_from({"top_k": request.top_k if request.HasField("top_k") else None})
         return _message(await self._infer(request, "classify", options, grpc_context), v1.ClassificationResult)
 
-    @_rpc(v1.DetectionResult)
+    @_rpc(v1.DetectionResult, api="grpc")
     async def Detect(self, request, grpc_context=None):
         options = oip.options_from({
             "score_threshold": request.score_threshold if request.HasField("score_threshold") else None,
@@ -209,14 +214,14 @@ class TaskServicerMixin:
         })
         return _message(await self._infer(request, "detect", options, grpc_context), v1.DetectionResult)
 
-    @_rpc(v1.RestorationResult)
+    @_rpc(v1.RestorationResult, api="grpc")
     async def Restore(self, request, grpc_context=None):
         options = oip.options_from({"format": request.format if request.HasField("format") else None})
         restored = await self._infer(request, "restore", options, grpc_context)
         return v1.RestorationResult(model=restored.model, width=restored.width, height=restored.height,
                                     format=restored.format, image=restored.data)
 
-    @_rpc(v1.AssessmentResult)
+    @_rpc(v1.AssessmentResult, api="grpc")
     async def Assess(self, request, grpc_context=None):
         reference = request.reference if request.HasField("reference") else None
         result = await self._infer(request, "assess", Options(), grpc_context, reference)

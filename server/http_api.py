@@ -12,7 +12,6 @@ import base64
 import binascii
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from hybridserve_client.schemas import (
     ModelList,
     RestorationResult,
 )
+from hybridserve.server import metrics
 from hybridserve.server.dataplane import DataPlane
 from hybridserve.server.errors import (
     ERROR_TABLE,
@@ -45,6 +45,7 @@ from hybridserve.server.errors import (
     as_hybridserve_error,
 )
 from hybridserve.server.handlers import InferenceRequest, Options, RestoredImage
+from hybridserve.server.logs import RequestIdMiddleware, new_request_id, request_id_from
 from hybridserve.server.security import AuthMiddleware, AuthPolicy
 
 log = logging.getLogger("hybridserve.http")
@@ -88,14 +89,7 @@ def error_response(exc: HybridServeError, request_id: str | None = None) -> JSON
 
 
 def request_id_of(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    if given and len(given) <= 128 and given.isprintable():
-        return given
-    parent = request.headers.get("traceparent", "")
-    parts = parent.split("-")
-    if len(parts) == 4 and len(parts[1]) == 32:
-        return parts[1]
-    return uuid.uuid4().hex
+    return request_id_from(request.headers.get("x-request-id"), request.headers.get("traceparent")) or new_request_id()
 
 
 def _options(source: dict[str, Any]) -> Options:
@@ -211,6 +205,8 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
     policy = AuthPolicy.from_env()
     if policy.enabled:
         app.add_middleware(AuthMiddleware, policy=policy)
+    if settings.echo_request_id:  # in-process; under Ray Serve its proxy settles and returns the id
+        app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:  # off unless configured; outermost, so preflights need no key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Request-ID", "X-Batch-Size"])
@@ -219,12 +215,17 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
 
     @app.exception_handler(HybridServeError)
     async def _typed(request: Request, exc: HybridServeError):
-        return error_response(exc, request.headers.get("x-request-id"))
+        return error_response(exc, request.headers.get("x-request-id") if settings.echo_request_id else None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        return error_response(InvalidInput(detail))
+        error = InvalidInput(detail)
+        if request.method == "POST" and request.url.path.startswith("/v1/models/"):  # an inference request
+            seen = metrics.observe_request("http", request.path_params.get("name", ""), plane.endpoints,
+                                           request_id_of(request), request.headers.get("content-length"))
+            seen.failed(error)
+        return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -238,17 +239,18 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
 
     async def infer(request: Request, name: str, verb: str, query: Options) -> Response:
         request_id = request_id_of(request)
-        timeout = _timeout(request, settings)
+        seen = metrics.observe_request("http", name, plane.endpoints, request_id, request.headers.get("content-length"))
         try:
+            timeout = _timeout(request, settings)
             parsed = await parse_inference(request, query, settings)
             outcome = await plane.infer(name, verb, parsed, timeout)
         except Exception as exc:  # every failure leaves through the error table
-            return error_response(as_hybridserve_error(exc), request_id)
+            return error_response(seen.failed(exc), request_id if settings.echo_request_id else None)
         timing = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in outcome.timings.items())
         headers = {"X-Batch-Size": str(outcome.batch_size), "Server-Timing": timing}
         if settings.echo_request_id:
             headers["X-Request-ID"] = request_id
-        return _result_response(outcome.result, request, headers)
+        return seen.answered(_result_response(outcome.result, request, headers), [outcome])
 
     body_doc = {
         "requestBody": {
@@ -285,6 +287,10 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
         health = await plane.health()
         return Response(health.model_dump_json(), status_code=200 if health.status == "ok" else 503,
                         media_type="application/json")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:  # in-process serving; under Ray, Ray's metrics export
+        return metrics.metrics_response()
 
     return app
 

@@ -37,6 +37,7 @@ from hybridserve_client.schemas import (
     DetectionResult,
     ImageRequest,
 )
+from hybridserve.server import metrics
 from hybridserve.server.dataplane import DataPlane
 from hybridserve.server.errors import InvalidInput, ModelNotFound
 from hybridserve.server.handlers import InferenceRequest, Options, RestoredImage
@@ -296,6 +297,7 @@ async def infer(plane: DataPlane, call: InferCall, default_timeout_s: float) -> 
         plane.infer(spec.name, None, InferenceRequest(image, reference, options), timeout_s)
         for image, reference in zip(images, references)
     ))
+    metrics.note_outcomes(outcomes)
     tensors = _OUTPUT_BUILDERS[spec.task](spec, [outcome.result for outcome in outcomes], wanted, requested)
     return InferAnswer(spec.name, MODEL_VERSION, call.id, [tensors[name] for name in wanted])
 

@@ -18,10 +18,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from hybridserve.server import oip
+from hybridserve.server import metrics, oip
 from hybridserve.server.dataplane import DataPlane
 from hybridserve.server.errors import InvalidInput, as_hybridserve_error
-from hybridserve.server.http_api import HTTPSettings, read_body
+from hybridserve.server.http_api import HTTPSettings, read_body, request_id_of
 
 INFERENCE_HEADER = "Inference-Header-Content-Length"
 
@@ -172,10 +172,16 @@ def oip_router(plane: DataPlane, settings: HTTPSettings | None = None) -> APIRou
 
     @_answers_errors
     async def model_infer(request: Request, name: str, version: str = "") -> Response:
-        header, binary = _split_body(request, await read_body(request, settings.max_body_bytes))
-        call, binary_outputs = parse_infer_request(name, version, header, binary)
-        answer = await oip.infer(plane, call, settings.default_timeout_s)
-        return infer_response(answer, binary_outputs)
+        seen = metrics.observe_request("oip", name, plane.endpoints, request_id_of(request),
+                                       request.headers.get("content-length"))
+        try:
+            header, binary = _split_body(request, await read_body(request, settings.max_body_bytes))
+            call, binary_outputs = parse_infer_request(name, version, header, binary)
+            answer = await oip.infer(plane, call, settings.default_timeout_s)
+        except Exception as exc:
+            seen.failed(exc)
+            raise
+        return seen.answered(infer_response(answer, binary_outputs))
 
     for base in ("/models/{name}", "/models/{name}/versions/{version}"):
         router.add_api_route(base, model_metadata, methods=["GET"], summary="Model metadata")

@@ -25,6 +25,7 @@ from ray.serve import Application
 
 from hybridserve_client.schemas import BatchingInfo, ModelInfo
 from hybridserve.server.adaptive import AdaptiveBatchController, BatchingChoice
+from hybridserve.server import metrics
 from hybridserve.server.dataplane import DataPlane, LocalEndpoint, describe
 from hybridserve.server.errors import HybridServeError, ModelNotReady, as_hybridserve_error
 from hybridserve.server.grpc_services import OIPServicerMixin, TaskServicerMixin
@@ -87,6 +88,7 @@ class ModelDeployment:
     """One replica of one model: loads, warms up, and batches items with ``@serve.batch``."""
 
     def __init__(self, spec: ModelSpec, device: str | None = None):
+        metrics.instrument_ray_replica()
         configure_threads(_assigned_cpus(spec.device.cpus))
         self.spec = spec
         self.runtime = ModelRuntime(spec, device)
@@ -177,6 +179,7 @@ class Gateway(TaskServicerMixin, OIPServicerMixin):
     """HTTP and gRPC ingress of the whole repository: routes each request by model name."""
 
     def __init__(self, specs: list[ModelSpec], handles: dict[str, Any]):
+        metrics.instrument_ray_replica()
         self.specs = specs
         self.plane = DataPlane({spec.name: RemoteEndpoint(spec, handles[spec.name]) for spec in specs})
 

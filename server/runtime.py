@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from hybridserve.models import create_model
+from hybridserve.server import metrics
 from hybridserve.server.compile import CompileResult, compile_model
 from hybridserve.server.errors import DeadlineExceeded, HybridServeError, InternalError, ModelNotReady, Overloaded
 from hybridserve.server.handlers import InferenceRequest, TaskHandler, handler_for
@@ -94,15 +95,18 @@ class ModelRuntime:
             )
             loaded.module.to(self.device)
             handler = handler_for(spec.task)(spec, loaded, self.device)
-            self.compiled = compile_model(handler, spec.compile, self.device)
+            with metrics.load_stage(spec.name, "compile"):
+                self.compiled = compile_model(handler, spec.compile, self.device)
             handler.module, self.backend = self.compiled.module, self.compiled.backend
             self.handler = handler
-            self._warm_up()
+            with metrics.load_stage(spec.name, "warmup"):
+                self._warm_up()
             self.status = "ready"
         except Exception as exc:  # a broken model must not take the server down
             self.status, self.reason = "failed", f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", self.spec.name, self.reason)
         self.load_seconds = round(time.perf_counter() - started, 3)
+        metrics.model_loaded(self)
         cache = self.compiled.cache if self.compiled else None
         log.info("model %s %s in %.2fs (backend %s%s)", self.spec.name, self.status, self.load_seconds, self.backend,
                  f", compile cache {cache}" if cache else "")
@@ -134,6 +138,7 @@ class ModelRuntime:
         if len(outputs) != len(live):
             raise InternalError(f"{type(self.handler).__name__}.forward returned {len(outputs)} outputs for {len(live)} items")
         compute = time.perf_counter() - started
+        metrics.batch_done(self.spec.name, [now - entries[i].enqueued for i in live], compute, self.device)
         for index, output in zip(live, outputs):
             results[index] = BatchOutput(
                 output=output, batch_size=len(live), queue_s=now - entries[index].enqueued, compute_s=compute,
@@ -159,17 +164,19 @@ class ModelRuntime:
                 retry_after=1.0,
             )
         self.in_flight_items += count
+        metrics.queued_items(self.spec.name, self.in_flight_items)
         try:
             outs = await asyncio.gather(*(submit(Entry(item, deadline)) for item in prepared.items))
         finally:
             self.in_flight_items -= count
+            metrics.queued_items(self.spec.name, self.in_flight_items)
         for out in outs:
             if out.error is not None:
                 raise out.error
         batched = time.perf_counter()
         result = await asyncio.to_thread(self.handler.postprocess, prepared, [o.output for o in outs])
         finished = time.perf_counter()
-        return InferenceOutcome(
+        outcome = InferenceOutcome(
             result=result,
             batch_size=max(o.batch_size for o in outs),
             timings={
@@ -180,3 +187,5 @@ class ModelRuntime:
                 "total": finished - started,
             },
         )
+        metrics.inference_done(self.spec.name, prepared.items, outcome.timings)
+        return outcome

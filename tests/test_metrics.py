@@ -18,6 +18,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import struct
 import threading
 import time
 import uuid
@@ -31,10 +32,12 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from hybridserve_client._grpc.hybridserve.oip.v2 import open_inference_pb2 as oip_pb
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as v1
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2_grpc as v1_grpc
+from hybridserve_client._grpc.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from hybridserve.server.errors import ERROR_TABLE
-from hybridserve.server.metrics import FAMILIES, UNKNOWN_MODEL
+from hybridserve.server.metrics import FAMILIES, UNKNOWN_MODEL, ray_metrics_targets
 from tests.conftest import PSNR_SPEC, LocalServer, write_generated_weights, write_spec
 
 RAY_PREFIX = "ray_"
@@ -84,9 +87,7 @@ class Scrape:
 
 
 def scrape(url: str, prefix: str = RAY_PREFIX) -> Scrape:
-    response = httpx.get(url, timeout=30)
-    response.raise_for_status()
-    return Scrape(response.text, prefix)
+    return Scrape(httpx.get(url, timeout=30).raise_for_status().text, prefix)
 
 
 def settled(url: str) -> Scrape:
@@ -124,20 +125,20 @@ class Mix:
             self.finished[model] += items
         return response
 
-    def grpc_call(self, model: str, call, message) -> None:
-        """One typed gRPC call, counted by its status and trailing error code."""
+    def grpc_call(self, model: str, call, message, api: str = "grpc") -> None:
+        """One gRPC call, counted by its status and trailing error code."""
         sent = uuid.uuid4().hex
-        self.bytes_in[(model, "grpc")] += message.ByteSize()
+        self.bytes_in[(model, api)] += message.ByteSize()
         try:
             response, state = call.with_call(message, metadata=[("x-request-id", sent)], timeout=120)
         except grpc.RpcError as error:
             trailers = dict(error.trailing_metadata())
             code = trailers["hybridserve-error-code"]
-            self.requests[(model, "grpc", code, f"{ERROR_TABLE[code].http_status // 100}xx")] += 1
+            self.requests[(model, api, code, f"{ERROR_TABLE[code].http_status // 100}xx")] += 1
         else:
             trailers = dict(state.trailing_metadata())
-            self.requests[(model, "grpc", "ok", "2xx")] += 1
-            self.bytes_out[(model, "grpc")] += response.ByteSize()
+            self.requests[(model, api, "ok", "2xx")] += 1
+            self.bytes_out[(model, api)] += response.ByteSize()
             self.finished[model] += 1
         self.request_ids.append((sent, trailers.get("x-request-id")))
 
@@ -193,6 +194,11 @@ def send_mix(server, mix: Mix) -> None:
         mix.grpc_call(CLASSIFIER, stub.Classify, v1.ClassifyRequest(model=CLASSIFIER, image=b"garbage"))
         mix.grpc_call(UNKNOWN_MODEL, stub.Classify, v1.ClassifyRequest(model="no-such-model", image=image))
         mix.grpc_call("psnr", stub.Assess, v1.AssessRequest(model="psnr", image=image, reference=image))
+        tensor = oip_pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+        raw = [struct.pack("<I", len(image)) + image]  # a BYTES element: its length, then its bytes
+        oip_infer = GRPCInferenceServiceStub(channel).ModelInfer
+        mix.grpc_call(CLASSIFIER, oip_infer, oip_pb.ModelInferRequest(model_name=CLASSIFIER, inputs=[tensor],
+                                                                      raw_input_contents=raw), api="oip")
 
 
 def expectations(mix: Mix, pixels_per_item: dict[str, int]) -> dict[tuple[str, tuple], float]:
@@ -297,7 +303,7 @@ def test_model_gauges_show_ready_eager_cpu_replicas(observed, server):
         assert after.total("hybridserve_model_state", model=model, state="failed") == 0
         assert after.total("hybridserve_model_load_seconds", model=model) > 0
         info = after.labels_of("hybridserve_model_info", model=model)
-        assert info and {(i["backend"], i["device"], i["application"]) for i in info} == {("eager", "cpu", "hybridserve")}
+        assert {(i["backend"], i["device"], i["application"]) for i in info} == {("eager", "cpu", "hybridserve")}
         assert after.total("hybridserve_queued_items", model=model) == 0
     assert after.total("hybridserve_requests_in_flight") == 0
     gateway = after.labels_of("hybridserve_requests_total", model=CLASSIFIER, api="http")
@@ -328,9 +334,11 @@ def test_http_request_id_is_taken_from_the_request_and_returned(server):
     assert failed.status_code == 404 and failed.headers["x-request-id"] == given
 
 
-def test_http_metrics_route_points_to_rays_export_under_ray(server):
+def test_under_ray_the_metrics_leave_through_rays_export_of_each_node(server):
     response = httpx.get(f"{server.http_url}/metrics", timeout=30)
     assert response.status_code == 404 and "Ray's metrics export" in response.json()["error"]["message"]
+    (target,) = ray_metrics_targets()  # what `hybridserve serve` prints: one node here
+    assert target.endswith(server.metrics_url.rsplit(":", 1)[1]) and "ray_hybridserve_" in httpx.get(target).text
 
 
 # ------------------------------------------------------------------ in-process: /metrics on the HTTP port
@@ -387,13 +395,8 @@ def in_process(tmp_path_factory) -> InProcess:
     local = LocalServer(repository, env={"HYBRIDSERVE_LOG_FORMAT": "json", "OTEL_BSP_SCHEDULE_DELAY": "200",
                                          "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.server_port}"})
     local.wait_live()
-    lines: list[str] = []
-
-    def drain() -> None:
-        for line in local.process.stdout:
-            lines.append(line.rstrip("\n"))
-
-    threading.Thread(target=drain, daemon=True).start()
+    lines: list[str] = []  # the server's output, line by line as it comes
+    threading.Thread(target=lambda: lines.extend(line.rstrip() for line in local.process.stdout), daemon=True).start()
     url = f"{local.url}/metrics"
     before, mix = scrape(url, prefix=""), Mix()
     image, png = picture(), {"Content-Type": "image/png"}
@@ -479,6 +482,7 @@ def test_in_process_request_ids_and_one_json_log_line_per_request(in_process):
     (failed,) = request_lines(trace)
     assert failed["status"] >= 400 and failed["outcome"] != "ok" and failed["error"]
     assert request_lines(generated)
+    assert f"Prometheus metrics (docs/metrics.md): {in_process.server.url}/metrics" in in_process.log_lines
     every = [json.loads(line) for line in in_process.log_lines if line.startswith("{")]
     assert every and all("request_id" in record for record in every)
     assert not any(base64.b64encode(image[:24]).decode()[:16] in line for line in in_process.log_lines)
@@ -492,7 +496,7 @@ def test_in_process_spans_go_to_the_otlp_endpoint(in_process):
     while time.monotonic() < deadline and not wanted <= {span.name for span in in_process.spans}:
         time.sleep(0.2)
     assert wanted <= {span.name for span in in_process.spans}
-    ingress = [{a.key: a.value for a in span.attributes} for span in in_process.spans if span.name == "hybridserve.ingress"]
+    ingress = [{a.key: a.value for a in s.attributes} for s in in_process.spans if s.name == "hybridserve.ingress"]
     assert any(a["model"].string_value == CLASSIFIER and a["http.status_code"].int_value == 200 for a in ingress)
     forward = [span for span in in_process.spans if span.name == "hybridserve.forward"]
     assert all(span.end_time_unix_nano >= span.start_time_unix_nano > 0 for span in forward)

@@ -154,7 +154,8 @@ def test_scrape_config_targets_ray_nodes_kuberay_and_in_process():
     assert config["rule_files"] == ["alerts.yml"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["hybridserve-kuberay"]["dns_sd_configs"][0]["port"] == 8080  # KubeRay's metrics port
-    assert jobs["hybridserve-ray-nodes"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+    discovery = jobs["hybridserve-ray-nodes"]["file_sd_configs"][0]["files"]
+    assert discovery == ["/tmp/ray/prom_metrics_service_discovery.json"]  # written by Ray's head node
     assert jobs["hybridserve-in-process"]["metrics_path"] == "/metrics"
 
 

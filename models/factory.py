@@ -78,11 +78,15 @@ def _build(kind: str, name: str, args: dict, base_dir: Path | None, ref: str) ->
         from hybridserve.models.hf_transformers import build_transformers_model
 
         return build_transformers_model(name, **args)
+    if kind == "zoo":
+        from hybridserve.models.zoo import build_zoo_model
+
+        return build_zoo_model(name, **args)
     if kind == "python":
         return _python_factory(name, base_dir)(**args)
     raise ValueError(
         f"architecture {ref!r}: expected hybridserve:<name>, timm:<name>, spandrel, "
-        "transformers:<kind> or python:<module>:<factory>"
+        "transformers:<kind>, zoo:<name> or python:<module>:<factory>"
     )
 
 

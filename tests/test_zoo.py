@@ -98,7 +98,7 @@ RESTORERS = {  # spec name: (module, scale, channels); the smallest configuratio
 }
 
 TINY_AHIQ = dict(vit="vit_tiny_patch16_224", cnn="resnet18", cnn_blocks=2, deform_hidden=32, regressor_width=32)
-TINY_MANIQA = dict(vit="vit_tiny_patch16_224", embed_dim=48, dim_mlp=48, num_heads=[2, 2], window_size=7)
+TINY_MANIQA = dict(vit="vit_tiny_patch16_224", embed_dim=48, dim_mlp=48, num_heads=[2, 2], window_size=7, crops=5)
 
 
 @dataclass
@@ -166,7 +166,7 @@ def write_iqa_models(repo: Path, weights: Path, direct: dict) -> None:
     direct["maniqa"] = build_zoo_model("maniqa", **TINY_MANIQA).eval()
     write_spec(repo, "maniqa", task="iqa", architecture="zoo:maniqa", architecture_args=TINY_MANIQA,
                weights=save_weights(direct["maniqa"], weights / "maniqa", True),
-               preprocessing={"input_size": [224, 224], "mean": [0.5] * 3, "std": [0.5] * 3},
+               preprocessing={"mean": [0.5] * 3, "std": [0.5] * 3},
                iqa={"kind": "no-reference", "range": [0, 1]}, batching=BATCHING)
 
 
@@ -254,7 +254,7 @@ def test_restorer_detected_by_spandrel_serves_what_the_module_computes(zoo, name
 
 
 def test_ahiq_full_reference_scores_the_pair_as_the_module_does(zoo):
-    reference = photo(64, 80)
+    reference = photo(64, 80)  # upscaled until a 224-pixel crop fits
     noise = np.random.default_rng(0).normal(0, 20, reference.shape)
     distorted = np.clip(reference + noise, 0, 255).astype(np.uint8)
     response = httpx.post(f"{zoo.url}/v1/models/ahiq/assess", timeout=300,
@@ -269,7 +269,7 @@ def test_ahiq_full_reference_scores_the_pair_as_the_module_does(zoo):
 
 
 def test_maniqa_no_reference_scores_the_image_as_the_module_does(zoo):
-    image = photo(224, 224)
+    image = photo(230, 260)  # scored on its centre and corner crops of 224 pixels
     result = AssessmentResult.model_validate_json(post(zoo, "maniqa", "assess", image).text)
     assert result.kind == "no-reference" and math.isfinite(result.score)
     with torch.inference_mode():

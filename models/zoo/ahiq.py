@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import DeformConv2d
 
+from hybridserve.models.zoo.crops import check_crop_count, fixed_crops
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -65,16 +67,11 @@ class PatchRegressor(nn.Module):
         return (scores * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
 
 
-def crop_origins(height: int, width: int, size: int, count: int) -> list[tuple[int, int]]:
-    """Top-left corners of ``count`` crops: the centre, or the centre and the four corners."""
-    centre = ((height - size) // 2, (width - size) // 2)
-    if count == 1:
-        return [centre]
-    return [centre, (0, 0), (0, width - size), (height - size, 0), (height - size, width - size)]
-
-
 class AHIQ(nn.Module):
-    """Full-reference IQA: ``(reference, distorted)`` in [0, 1] → score ``(N,)``, higher is better."""
+    """Full-reference IQA: ``(reference, distorted)`` in [0, 1] → score ``(N,)``, higher is better.
+
+    Scores the centre crop (``crops=1``) or the centre and corner crops (``crops=5``) of the ViT's
+    input size and averages (the authors average random crops)."""
 
     def __init__(
         self,
@@ -87,13 +84,11 @@ class AHIQ(nn.Module):
         regressor_width: int = 256,
     ):
         super().__init__()
-        if crops not in (1, 5):
-            raise ValueError("crops must be 1 (centre) or 5 (centre and corners)")
         self.vit = timm.create_model(vit, pretrained=False)
         self.resnet50 = timm.create_model(cnn, pretrained=False)
         if len(self.resnet50.layer1) < cnn_blocks:
             raise ValueError(f"{cnn} has {len(self.resnet50.layer1)} blocks in its first stage, not {cnn_blocks}")
-        self.vit_blocks, self.cnn_blocks, self.crops = list(vit_blocks), cnn_blocks, crops
+        self.vit_blocks, self.cnn_blocks, self.crops = list(vit_blocks), cnn_blocks, check_crop_count(crops)
         self.crop_size = self.vit.patch_embed.img_size[0]
         patch = self.vit.patch_embed.patch_size[0]
         vit_channels = self.vit.embed_dim * len(self.vit_blocks)
@@ -123,19 +118,7 @@ class AHIQ(nn.Module):
         cnn_ref, cnn_dist = self.deform_net(cnn_ref, vit_ref), self.deform_net(cnn_dist, vit_ref)
         return self.regressor(torch.cat((vit_dist, cnn_dist), dim=1), torch.cat((vit_ref, cnn_ref), dim=1))
 
-    def fit(self, x: torch.Tensor) -> torch.Tensor:
-        """Upscale an image whose short side is under the crop size (the crop must fit)."""
-        height, width = x.shape[-2:]
-        if min(height, width) >= self.crop_size:
-            return x
-        factor = self.crop_size / min(height, width)
-        size = (max(self.crop_size, round(height * factor)), max(self.crop_size, round(width * factor)))
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
-
     def forward(self, reference: torch.Tensor, distorted: torch.Tensor) -> torch.Tensor:
-        reference, distorted = self.fit(reference), self.fit(distorted)
-        size = self.crop_size
-        origins = crop_origins(*reference.shape[-2:], size, self.crops)
-        refs = torch.cat([reference[..., y:y + size, x:x + size] for y, x in origins])
-        dists = torch.cat([distorted[..., y:y + size, x:x + size] for y, x in origins])
-        return self.score_crops(refs, dists).view(len(origins), -1).mean(dim=0)
+        refs = fixed_crops(reference, self.crop_size, self.crops)
+        dists = fixed_crops(distorted, self.crop_size, self.crops)
+        return self.score_crops(refs, dists).view(self.crops, -1).mean(dim=0)

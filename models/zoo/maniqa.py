@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridserve.models.zoo.crops import check_crop_count, fixed_crops
+
 # The Swin stages add their output back with this fixed weight in the released model.
 STAGE_RESIDUAL_WEIGHT = 0.13
 
@@ -172,8 +174,10 @@ def score_head(dim: int, activation: nn.Module) -> nn.Sequential:
 
 
 class MANIQA(nn.Module):
-    """No-reference IQA: ``x`` normalised (mean = std = 0.5) → score ``(N,)``; other sizes are resized
-    to ``img_size`` (the released models score 224x224 crops: give the spec that input size)."""
+    """No-reference IQA: ``x`` normalised (mean = std = 0.5) → score ``(N,)``.
+
+    Scores the centre crop (``crops=1``) or the centre and corner crops (``crops=5``) of ``img_size``
+    and averages (the authors average random 224x224 crops of the unresized image)."""
 
     def __init__(
         self,
@@ -186,8 +190,10 @@ class MANIQA(nn.Module):
         num_heads: Sequence[int] = (4, 4),
         window_size: int = 4,
         num_tab: int = 2,
+        crops: int = 1,
     ):
         super().__init__()
+        self.crops = check_crop_count(crops)
         self.vit = timm.create_model(vit, pretrained=False, img_size=img_size)
         self.feature_blocks = list(feature_blocks)
         grid = self.vit.patch_embed.grid_size[0]
@@ -210,9 +216,7 @@ class MANIQA(nn.Module):
             x = block(x)
         return x.view(shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True)
+    def score_crops(self, x: torch.Tensor) -> torch.Tensor:
         features = self.vit.forward_intermediates(x, indices=self.feature_blocks, stop_early=True,
                                                   intermediates_only=True)
         x = self.swintransformer1(self.conv1(self.attend(self.tablock1, torch.cat(features, dim=1))))
@@ -220,3 +224,6 @@ class MANIQA(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)
         scores, weights = self.fc_score(tokens), self.fc_weight(tokens)
         return (scores * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score_crops(fixed_crops(x, self.img_size, self.crops)).view(self.crops, -1).mean(dim=0)

@@ -135,7 +135,7 @@ def train(spec: ModelSpec, epochs: int, seed: int, batch_size: int = 64, peak_lr
 
 def main() -> None:
     parser = spec_argument_parser(__doc__.splitlines()[0], "classifier.yaml")
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=25)
     train_and_save(parser.parse_args(), lambda spec, args: train(spec, args.epochs, args.seed))
 
 

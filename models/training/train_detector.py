@@ -85,7 +85,7 @@ def validation_map(model: HybridDetector, spec: ModelSpec, count: int) -> float:
     return result
 
 
-def train(spec: ModelSpec, steps: int, seed: int, batch_size: int = 32, peak_lr: float = 2e-3) -> nn.Module:
+def train(spec: ModelSpec, steps: int, seed: int, batch_size: int, peak_lr: float = 2e-3) -> nn.Module:
     prep = spec.preprocessing
     size = prep.input_size[0]
     if prep.input_size[1] != size:
@@ -127,7 +127,10 @@ def train(spec: ModelSpec, steps: int, seed: int, batch_size: int = 32, peak_lr:
 def main() -> None:
     parser = spec_argument_parser(__doc__.splitlines()[0], "detector.yaml")
     parser.add_argument("--steps", type=int, default=600)
-    spec, model = train_and_save(parser.parse_args(), lambda spec, args: train(spec, args.steps, args.seed))
+    parser.add_argument("--batch-size", type=int, default=24)
+    spec, model = train_and_save(
+        parser.parse_args(), lambda spec, args: train(spec, args.steps, args.seed, args.batch_size)
+    )
     print(f"validation mAP@0.5 (200 scenes) {validation_map(model, spec, 200):.3f}")
 
 

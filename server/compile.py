@@ -1,30 +1,21 @@
 """Compile backends: turn an eager module into the fastest one the hardware and model allow.
 
-``compile_model`` builds the module to serve with the spec's backend:
+``compile_model`` builds the serving callable with ``eager`` (the reference), ``inductor``
+(``torch.compile``), ``aot`` (``torch.export`` + AOTInductor ``.pt2``) or ``tensorrt``
+(torch-tensorrt's dynamo path, CUDA only). A backend that is unavailable or fails falls back
+along tensorrt → aot → inductor → eager with one warning naming every reason; never a crash.
 
-* ``eager`` — the module as it is (the reference);
-* ``inductor`` — ``torch.compile``; its kernels are kept as a portable inductor cache blob;
-* ``aot`` — ``torch.export`` + AOTInductor, packaged as ``.pt2`` files;
-* ``tensorrt`` — torch-tensorrt's dynamo path (CUDA only), saved as an exported program.
-
-A backend that is unavailable or fails to build falls back to the next one (tensorrt → aot →
-inductor → eager) with one warning that names every reason; it never crashes the load.
-
-Shapes: a compiled program serves the item shape of the model (classification/detection input
-size, restoration tile). The batch dimension is dynamic (exported from a batch-2 example with
-``Dim("batch", min=1, max=max_batch_size)``) where the model allows it; otherwise, or when the
-spec lists ``compile.batch_buckets``, one static program per bucket and batches padded up to
-the next bucket. Items of any other shape (a small image below one tile) run eager.
-
-Artifacts are cached under ``$HYBRIDSERVE_CACHE/compiled/<key>/``, keyed by the weights, the
-model's code, architecture and arguments, shape policy, precision, device and library
-versions; a warm start loads them instead of compiling. Every compiled model is checked
-against eager on warm-up batches (max error relative to the output's largest magnitude:
-1e-3 fp32, 1e-2 fp16/bf16); a mismatch fails the load, and nothing is cached.
+A compiled program serves the model's item shape with a dynamic batch (exported from a batch-2
+example, ``Dim("batch", min=1, max=max_batch_size)``) or, where that fails or the spec lists
+``compile.batch_buckets``, one static program per bucket with batches padded up to it; items
+of other shapes run eager. Artifacts are cached under ``$HYBRIDSERVE_CACHE/compiled/<key>/``;
+every compiled model is checked against eager at load time and a mismatch fails the load.
+docs/performance.md has the details.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -35,6 +26,7 @@ import os
 import platform
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +64,6 @@ class CompileResult:
     cache: str | None  # "hit", "miss", or None for eager
     warmup_sizes: tuple[int, ...]
     example: Item
-    seconds: float
     artifact: Path | None = None
 
 
@@ -217,9 +208,10 @@ def _weights_digest(module: nn.Module) -> str:
 
 
 def _code_digest(module: nn.Module) -> str:
-    """Hash of the source files defining the module's classes (torch's own are covered by its version)."""
+    """Hash of the module's class names and of the source files defining them (torch's by its version)."""
     torch_root = str(Path(torch.__file__).parent)
     files = set()
+    names = sorted({f"{type(sub).__module__}.{type(sub).__qualname__}" for sub in module.modules()})
     for sub in module.modules():
         try:
             source = inspect.getsourcefile(type(sub))
@@ -227,7 +219,7 @@ def _code_digest(module: nn.Module) -> str:
             continue
         if source and not source.startswith(torch_root):
             files.add(source)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(";".join(names).encode())
     for path in sorted(files):
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()
@@ -311,12 +303,83 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], max_batch: int
     return torch.export.export(module, example, strict=False)
 
 
+class GilFreeAOTProgram:
+    """An AOTInductor package's model called through its C ABI with ctypes, on CPU.
+
+    The package loader's Python binding holds the GIL for the whole run (399 of 400 py-spy
+    ``--gil`` samples in a model thread), which stalls a server's event loop during every batch;
+    a ``ctypes.CDLL`` call releases it (2 of 400). Same library, same kernels, same outputs.
+    """
+
+    def __init__(self, package: Path, loader: Any):
+        with zipfile.ZipFile(package) as archive:
+            libraries = [n for n in archive.namelist() if n.endswith(".so") and "/data/aotinductor/" in n]
+            if len(libraries) != 1:
+                raise RuntimeError(f"expected one model library in {package.name}, found {len(libraries)}")
+            target = package.with_suffix(".so")
+            if not target.is_file():
+                target.write_bytes(archive.read(libraries[0]))
+        self._lib = ctypes.CDLL(str(target))
+        self._handle = ctypes.c_void_p()
+        self._check(self._lib.AOTInductorModelContainerCreateWithDevice(
+            ctypes.byref(self._handle), ctypes.c_size_t(1), b"cpu", None))
+        outputs = ctypes.c_size_t()
+        self._check(self._lib.AOTInductorModelContainerGetNumOutputs(self._handle, ctypes.byref(outputs)))
+        self._outputs = outputs.value
+        self._out_spec = torch.utils._pytree.treespec_loads(loader.loader.get_call_spec()[1])
+
+    @staticmethod
+    def _check(code: int) -> None:
+        if code != 0:
+            raise RuntimeError(f"AOTInductor runtime error {code}")
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        # Input handles are stolen by the run; output handles are ours to steal back.
+        capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([t.contiguous() for t in inputs])
+        handles = (ctypes.c_void_p * len(capsules))(*(_CAPSULE_POINTER(c, None) for c in capsules))
+        results = (ctypes.c_void_p * self._outputs)()
+        self._check(self._lib.AOTInductorModelContainerRun(self._handle, handles, ctypes.c_size_t(len(capsules)),
+                                                           results, ctypes.c_size_t(self._outputs), None, None))
+        tensors = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
+            [_CAPSULE_NEW(results[i], None, None) for i in range(self._outputs)])
+        return torch.utils._pytree.tree_unflatten(tensors, self._out_spec)
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None):
+            self._lib.AOTInductorModelContainerDelete(self._handle)
+
+
+_CAPSULE_POINTER = ctypes.pythonapi.PyCapsule_GetPointer
+_CAPSULE_POINTER.restype, _CAPSULE_POINTER.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+_CAPSULE_NEW = ctypes.pythonapi.PyCapsule_New
+_CAPSULE_NEW.restype, _CAPSULE_NEW.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _load_aot(package: Path, example: tuple[torch.Tensor, ...]) -> Program:
+    """The package's model, GIL-free on CPU where the ctypes path gives the loader's exact outputs."""
+    from torch._inductor import aoti_load_package
+
+    loader = aoti_load_package(str(package))
+    if example[0].device.type != "cpu":
+        return loader
+    try:
+        program = GilFreeAOTProgram(package, loader)
+        with torch.inference_mode():
+            if max_relative_error(loader(*example), program(*example)) <= 1e-6:
+                return program
+        log.warning("%s: the ctypes call differs from the package loader; using the loader", package.name)
+    except (OSError, RuntimeError, AttributeError) as exc:
+        log.warning("%s: ctypes call unavailable (%s); using the package loader", package.name, exc)
+    return loader
+
+
 def _build_aot(module, examples, max_batch, buckets, folder, meta):
     """AOTInductor ``.pt2`` packages: one dynamic-batch package, else one per bucket."""
-    from torch._inductor import aoti_compile_and_package, aoti_load_package
+    from torch._inductor import aoti_compile_and_package
 
     if meta is not None:
-        return {(None if key == "dynamic" else int(key)): aoti_load_package(str(folder / name))
+        return {(None if key == "dynamic" else int(key)):
+                _load_aot(folder / name, examples(min(2, max_batch) if key == "dynamic" else int(key)))
                 for key, name in meta["files"].items()}, meta["files"]
     files: dict[str, str] = {}
     if buckets is None:
@@ -408,7 +471,6 @@ def _serving_module(handler: TaskHandler, config: Compile, device: torch.device)
 
 def compile_model(handler: TaskHandler, config: Compile, device: torch.device) -> CompileResult:
     """Build the serving callable with ``config.backend`` or the first fallback that works."""
-    started = time.perf_counter()
     eager, precision = _serving_module(handler, config, device)
     item = example_item(handler)
     chain = FALLBACK_ORDER[FALLBACK_ORDER.index(config.backend):]
@@ -425,11 +487,10 @@ def compile_model(handler: TaskHandler, config: Compile, device: torch.device) -
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             failures.append(f"{backend}: {type(exc).__name__}{': ' + reason[:300] if reason else ''}")
     if result is None:
-        result = CompileResult(eager, "eager", None, (), item, 0.0)
+        result = CompileResult(eager, "eager", None, (), item)
     if failures:
         log.warning("model %s: compile backend %r not used (%s); serving with %r", handler.spec.name,
                     config.backend, "; ".join(failures), result.backend)
-    result.seconds = round(time.perf_counter() - started, 3)
     return result
 
 
@@ -457,7 +518,7 @@ def _compiled(handler: TaskHandler, eager: nn.Module, backend: str, config: Comp
             check_against_eager(eager, runner, checks, precision, spec.name)
             log.info("model %s: loaded %s artifact %s in %.2fs (cache hit)", spec.name, backend, store.path,
                      time.perf_counter() - started)
-            return CompileResult(runner, backend, "hit", runner.warmup_sizes, item, 0.0, store.path)
+            return CompileResult(runner, backend, "hit", runner.warmup_sizes, item, store.path)
         except Exception as exc:  # stale or unreadable artifact: build it again
             log.warning("model %s: cached %s artifact %s unusable (%s: %s); rebuilding", spec.name, backend,
                         store.path, type(exc).__name__, exc)
@@ -475,4 +536,4 @@ def _compiled(handler: TaskHandler, eager: nn.Module, backend: str, config: Comp
                            "compile_seconds": round(time.perf_counter() - started, 3)})
     log.info("model %s: compiled with %s in %.2fs (cache miss; artifact %s; max relative error vs eager %.2g)",
              spec.name, backend, time.perf_counter() - started, store.path, error)
-    return CompileResult(runner, backend, "miss", runner.warmup_sizes, item, 0.0, store.path)
+    return CompileResult(runner, backend, "miss", runner.warmup_sizes, item, store.path)

@@ -18,7 +18,7 @@ from torch import nn
 
 from hybridserve.models import LoadedModel
 from hybridserve.server.compile import (
-    BatchRunner, CompileMismatch, artifact_key, check_against_eager, compile_model, default_buckets,
+    BatchRunner, CompileMismatch, GilFreeAOTProgram, artifact_key, check_against_eager, compile_model, default_buckets,
     example_batch, max_relative_error,
 )
 from hybridserve.server.handlers import ClassificationHandler
@@ -40,6 +40,14 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(F.gelu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+class TwoHeads(TinyNet):
+    """Two outputs (logits and pooled features), as detection models have."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = F.gelu(self.norm(self.conv(x))).mean((2, 3))
+        return self.head(features), features
 
 
 class DriftsWhenCompiled(TinyNet):
@@ -71,9 +79,9 @@ def tiny_spec(backend: str, **compile_args) -> ModelSpec:
     )
 
 
-def tiny_handler(backend: str, module: nn.Module | None = None, **compile_args) -> ClassificationHandler:
+def tiny_handler(backend: str, model: type[TinyNet] = TinyNet, **compile_args) -> ClassificationHandler:
     torch.manual_seed(0)
-    module = (module or TinyNet()).eval().requires_grad_(False)
+    module = model().eval().requires_grad_(False)
     with torch.no_grad():  # non-trivial running statistics, so a wrong fold would show
         module.norm.running_mean.uniform_(-0.5, 0.5)
         module.norm.running_var.uniform_(0.5, 2.0)
@@ -104,16 +112,17 @@ def test_eager_serves_the_module_itself(compile_cache):
 
 
 def test_aot_dynamic_batch_matches_eager_and_a_second_load_reuses_the_artifact(compile_cache):
-    handler = tiny_handler("aot")
+    handler = tiny_handler("aot", model=TwoHeads)
     cold = compile_model(handler, handler.spec.compile, CPU)
     assert cold.backend == "aot" and cold.cache == "miss"
     assert cold.module.dynamic and cold.warmup_sizes == (1, 2, MAX_BATCH)
     package = cold.artifact / "dynamic.pt2"
     assert package.is_file() and (cold.artifact / "meta.json").is_file()
     assert_matches_eager(handler, cold.module, range(1, 2 * MAX_BATCH + 2))  # above max: split into chunks
+    assert isinstance(cold.module.programs[None], GilFreeAOTProgram)  # the GIL is free while it computes
     built = package.stat().st_mtime_ns
 
-    again = tiny_handler("aot")
+    again = tiny_handler("aot", model=TwoHeads)
     warm = compile_model(again, again.spec.compile, CPU)
     assert warm.backend == "aot" and warm.cache == "hit" and warm.artifact == cold.artifact
     assert package.stat().st_mtime_ns == built  # loaded, not rebuilt
@@ -122,7 +131,7 @@ def test_aot_dynamic_batch_matches_eager_and_a_second_load_reuses_the_artifact(c
 
 
 def test_tensorrt_without_cuda_falls_back_with_one_warning(compile_cache, caplog):
-    handler = tiny_handler("tensorrt")
+    handler = tiny_handler("tensorrt", model=TwoHeads)
     with caplog.at_level(logging.WARNING, logger="hybridserve.compile"):
         result = compile_model(handler, handler.spec.compile, CPU)
     assert result.backend == "aot"
@@ -143,7 +152,7 @@ def test_inductor_matches_eager_and_keeps_its_kernels(compile_cache):
 
 
 def test_a_compiled_module_that_differs_from_eager_fails_the_load(compile_cache):
-    handler = tiny_handler("inductor", module=DriftsWhenCompiled())
+    handler = tiny_handler("inductor", model=DriftsWhenCompiled)
     before = set(compile_cache.iterdir()) if compile_cache.exists() else set()
     with pytest.raises(CompileMismatch, match="max relative error"):
         compile_model(handler, handler.spec.compile, CPU)

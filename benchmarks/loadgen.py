@@ -1,0 +1,146 @@
+"""Closed-loop HTTP load generator on aiohttp, and CPU accounting of the processes under test.
+
+``concurrency`` clients each send a request, wait for its answer, and send the next. The
+measuring window opens once every client has had one answer (a queue as deep as the
+concurrency is then in steady state) and lasts ``seconds``; throughput and latencies are those
+of the answers that arrive inside it. Requests still in flight at the end are waited for, so
+the next measurement starts on an idle server. The generator reports its own CPU time so a
+table can show it was not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Target:
+    """Where and what to send."""
+
+    url: str
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    completed: int
+    errors: int
+    seconds: float
+    latencies_s: list[float]
+    client_cpu_s: float
+    server_cpu_s: float | None = None
+
+    @property
+    def throughput(self) -> float:
+        return self.completed / self.seconds if self.seconds else 0.0
+
+    def percentile_ms(self, q: float) -> float | None:
+        if not self.latencies_s:
+            return None
+        ordered = sorted(self.latencies_s)
+        return 1000.0 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def p50_ms(self) -> float | None:
+        return None if not self.latencies_s else 1000.0 * statistics.median(self.latencies_s)
+
+    @property
+    def p99_ms(self) -> float | None:
+        return self.percentile_ms(0.99)
+
+    @property
+    def client_cpu_share(self) -> float:
+        return self.client_cpu_s / self.seconds if self.seconds else 0.0
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of ``root`` and every process below it (from /proc)."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / TICKS
+    total, stack = 0.0, [root]
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    while stack:
+        pid = stack.pop()
+        total += cpu.get(pid, 0.0)
+        stack.extend(children.get(pid, ()))
+    return total
+
+
+async def closed_loop(target: Target, concurrency: int, seconds: float, server_pid: int | None = None,
+                      warmup_limit_s: float = 300.0) -> LoadResult:
+    """Run ``concurrency`` clients; measure ``seconds`` once all have had an answer."""
+    answered: set[int] = set()
+    steady = asyncio.Event()
+    window: dict[str, float] = {}
+    latencies: list[float] = []
+    counts = {"completed": 0, "errors": 0}
+    stop = asyncio.Event()
+
+    async def client(index: int, session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                async with session.post(target.url, data=target.body, headers=target.headers) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            finished = time.perf_counter()
+            if not steady.is_set():
+                answered.add(index)
+                if len(answered) == concurrency:
+                    steady.set()
+                continue
+            if window["start"] <= finished <= window.get("end", float("inf")):
+                if ok:
+                    counts["completed"] += 1
+                    latencies.append(finished - started)
+                else:
+                    counts["errors"] += 1
+
+    timeout = aiohttp.ClientTimeout(total=warmup_limit_s + seconds + 600)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        tasks = [asyncio.create_task(client(i, session)) for i in range(concurrency)]
+        try:
+            await asyncio.wait_for(steady.wait(), warmup_limit_s)
+        except TimeoutError:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            raise RuntimeError(f"{target.url}: {concurrency} clients had no answer within {warmup_limit_s:.0f}s")
+        window["start"] = time.perf_counter()
+        cpu_start = time.process_time()
+        server_start = tree_cpu_seconds(server_pid) if server_pid else None
+        await asyncio.sleep(seconds)
+        window["end"] = time.perf_counter()
+        client_cpu = time.process_time() - cpu_start
+        server_cpu = tree_cpu_seconds(server_pid) - server_start if server_pid else None
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return LoadResult(concurrency, counts["completed"], counts["errors"], window["end"] - window["start"],
+                      latencies, client_cpu, server_cpu)

@@ -1,0 +1,155 @@
+"""Results of a benchmark run and their Markdown rendering (the generated part of BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.loadgen import LoadResult
+
+BEGIN, END = "<!-- bench:begin (written by python -m benchmarks.run) -->", "<!-- bench:end -->"
+
+
+@dataclass
+class WorkloadResults:
+    name: str
+    compiled: str
+    limit: dict[str, dict[int, float]] = field(default_factory=dict)  # backend -> batch -> images/s
+    pipeline_ms: dict[str, float] = field(default_factory=dict)  # backend -> one request in-process
+    loads: dict[str, str] = field(default_factory=dict)  # backend -> how it loaded
+    compile_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    starts: dict[str, dict] | None = None
+    runs: dict[str, dict[int, list[LoadResult]]] = field(default_factory=dict)  # system -> concurrency -> rounds
+    ready_s: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    profiles: dict[str, str] = field(default_factory=dict)
+    adaptive: dict[str, dict[int, dict]] = field(default_factory=dict)  # system -> concurrency -> live batching
+
+    def best_limit(self, backend: str) -> tuple[int, float]:
+        by_batch = self.limit.get(backend, {})
+        return max(by_batch.items(), key=lambda kv: kv[1]) if by_batch else (0, 0.0)
+
+    def throughput(self, system: str, concurrency: int) -> float | None:
+        runs = self.runs.get(system, {}).get(concurrency)
+        return statistics.median(r.throughput for r in runs) if runs else None
+
+    def p50(self, system: str, concurrency: int) -> float | None:
+        runs = [r.p50_ms for r in self.runs.get(system, {}).get(concurrency, []) if r.p50_ms is not None]
+        return statistics.median(runs) if runs else None
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _system_backend(system: str, compiled: str) -> str:
+    return compiled if f"({compiled}" in system else "eager"
+
+
+def render_workload(w: WorkloadResults) -> list[str]:
+    lines = [f"### {w.name}", ""]
+    lim_b, lim = w.best_limit(w.compiled)
+    eager_b, eager_lim = w.best_limit("eager")
+    lines += [f"In-process limit: **{lim:,.1f} images/s** ({w.compiled}, batch {lim_b}); "
+              f"eager {eager_lim:,.1f} images/s (batch {eager_b}). One request in-process (JSON, decode, batch-1 "
+              f"forward, postprocess): " + ", ".join(f"{b} {ms:.2f} ms" for b, ms in w.pipeline_ms.items()) + ".",
+              "", "Limit by batch size (images/s): " + "; ".join(
+                  f"{b}: " + ", ".join(f"{n}→{v:,.1f}" for n, v in by.items()) for b, by in w.limit.items()),
+              "", "Model loads in the benchmark process: " + "; ".join(f"{b}: {how}" for b, how in w.loads.items()), ""]
+    lines += ["| server | concurrency | images/s | p50 ms | p99 ms | errors | vs limit | overhead at c=1 (ms) "
+              "| load-generator CPU | server CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for system, by_c in w.runs.items():
+        backend = _system_backend(system, w.compiled)
+        for concurrency, runs in sorted(by_c.items()):
+            mid = sorted(runs, key=lambda r: r.throughput)[len(runs) // 2]
+            overhead = (mid.p50_ms - w.pipeline_ms[backend]) if concurrency == 1 and mid.p50_ms else None
+            server_cpu = None if mid.server_cpu_s is None else 100 * mid.server_cpu_s / mid.seconds
+            spread = "" if len(runs) < 2 else f" ({min(r.throughput for r in runs):,.1f}–{max(r.throughput for r in runs):,.1f})"
+            lines.append(f"| {system} | {concurrency} | {mid.throughput:,.1f}{spread} | {_num(mid.p50_ms)} | "
+                         f"{_num(mid.p99_ms)} | {sum(r.errors for r in runs)} | "
+                         f"{_num(_ratio(mid.throughput, w.best_limit(backend)[1]), 2)}x | {_num(overhead)} | "
+                         f"{100 * mid.client_cpu_share:.0f}% | {_num(server_cpu, 0)}% |")
+    for system, by_c in w.adaptive.items():
+        lines += ["", f"{system}: live choice after each concurrency: " + "; ".join(
+            f"c={c}: batch {info['max_batch_size']}, wait {info['max_wait_ms']:.2f} ms" for c, info in sorted(by_c.items()))]
+    if w.failures:
+        lines += ["", "Not measured: " + "; ".join(f"{s}: {why}" for s, why in w.failures.items())]
+    if w.ready_s:
+        lines += ["", "Servers ready after (all started together): " +
+                  ", ".join(f"{s} {t:.0f}s" for s, t in w.ready_s.items())]
+    if w.compile_ms:
+        sizes = sorted(next(iter(w.compile_ms.values())))
+        eager = w.compile_ms.get("eager", {})
+        lines += ["", "Compile speed-up (ms per batch, median of interleaved rounds; speed-up vs eager):", "",
+                  "| backend | " + " | ".join(f"batch {n}" for n in sizes) + " |",
+                  "|---|" + "---:|" * len(sizes)]
+        for backend, by_size in w.compile_ms.items():
+            cells = [f"{by_size[n]:.2f} ms ({_num(_ratio(eager.get(n), by_size[n]), 2)}x)" for n in sizes]
+            lines.append(f"| {backend} | " + " | ".join(cells) + " |")
+    if w.starts:
+        cold, warm = w.starts["cold"], w.starts["warm"]
+        lines += ["", f"Start of a fresh process with the {w.compiled} backend: cold (empty caches) ready in "
+                  f"{cold['load_seconds']:.1f} s (process {cold['process_seconds']:.1f} s, cache {cold['cache']}); "
+                  f"warm {warm['load_seconds']:.2f} s (process {warm['process_seconds']:.1f} s, cache {warm['cache']}): "
+                  f"{_num(_ratio(warm['load_seconds'], cold['load_seconds']), 3)} of the cold start."]
+    for system, text in w.profiles.items():
+        lines += ["", f"py-spy profile of {system} at concurrency 32 (share of samples):", "", "```", text, "```"]
+    return lines + [""]
+
+
+def targets(results: list[WorkloadResults]) -> list[str]:
+    """The issue's targets, each with its measured value."""
+    out = ["| target | measured | met |", "|---|---|---|"]
+
+    def row(text: str, value: float | None, goal: float, higher: bool = True, unit: str = "x") -> None:
+        met = None if value is None else (value >= goal if higher else value <= goal)
+        out.append(f"| {text} | {_num(value, 2)}{unit} | {'—' if met is None else ('yes' if met else 'NO')} |")
+
+    for w in results:
+        c = w.compiled
+        for mode in ("Ray", "no-ray"):
+            eager_sys, comp_sys = f"hybridserve {mode} (eager)", f"hybridserve {mode} ({c})"
+            row(f"{w.name}: {mode} eager at c=32 / eager limit (compute-bound goal 0.95)",
+                _ratio(w.throughput(eager_sys, 32), w.best_limit("eager")[1]), 0.95)
+            row(f"{w.name}: {mode} {c} at c=32 / {c} limit (overhead-bound goal 0.7)",
+                _ratio(w.throughput(comp_sys, 32), w.best_limit(c)[1]), 0.7)
+            row(f"{w.name}: {mode} eager at c=32 / LitServe batched (goal 1.2)",
+                _ratio(w.throughput(eager_sys, 32), w.throughput("LitServe batched (eager)", 32)), 1.2)
+            row(f"{w.name}: {mode} {c} at c=32 / LitServe batched eager (goal 1.5)",
+                _ratio(w.throughput(comp_sys, 32), w.throughput("LitServe batched (eager)", 32)), 1.5)
+            fastapi = w.p50("FastAPI + uvicorn (eager)", 1)
+            eager_p50 = w.p50(eager_sys, 1)
+            row(f"{w.name}: {mode} eager p50 at c=1 minus FastAPI's (goal <= 3 ms)",
+                None if eager_p50 is None or fastapi is None else eager_p50 - fastapi, 3.0, higher=False, unit=" ms")
+        row(f"{w.name}: batching gain at c=32, no-ray {c} batched / batch 1 (goal 2)",
+            _ratio(w.throughput(f"hybridserve no-ray ({c})", 32), w.throughput(f"hybridserve no-ray ({c}), batch 1", 32)), 2.0)
+        row(f"{w.name}: LitServe batching gain at c=32 (for comparison)",
+            _ratio(w.throughput("LitServe batched (eager)", 32), w.throughput("LitServe batch 1 (eager)", 32)), 0.0)
+        if w.starts:
+            row(f"{w.name}: warm start / cold start ({c}; goal <= 0.33)",
+                _ratio(w.starts["warm"]["load_seconds"], w.starts["cold"]["load_seconds"]), 1 / 3, higher=False)
+    return out
+
+
+def render(results: list[WorkloadResults], header: list[str]) -> str:
+    lines = [BEGIN, "", *header, "", "## Targets", "", *targets(results), "", "## Results", ""]
+    for w in results:
+        lines += render_workload(w)
+    return "\n".join(lines + [END])
+
+
+def write(path: Path, generated: str) -> None:
+    """Replace the generated part of ``path`` (between the markers), keeping the hand-written rest."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN in text and END in text:
+        before, rest = text.split(BEGIN, 1)
+        after = rest.split(END, 1)[1]
+        text = before + generated + after
+    else:
+        text = text.rstrip() + "\n\n" + generated + "\n"
+    path.write_text(text)

@@ -1,0 +1,197 @@
+"""Run the side-by-side benchmark and write BENCHMARKS.md: ``python -m benchmarks.run [--quick] [--only NAME]``.
+
+Per workload: in-process limit and compile table first (no server running), then cold/warm
+start in fresh processes, then every server started together and measured in interleaved
+rounds (each round visits every server at every concurrency, the order rotating), then
+stopped. The load generator (aiohttp, this process) and the servers share the machine's
+CPUs; each model worker runs one torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from benchmarks import inprocess, profile, report
+from benchmarks.loadgen import Target, closed_loop
+from benchmarks.report import WorkloadResults
+from benchmarks.servers import build_servers
+from benchmarks.workloads import ROOT, Workload, workloads, write_repository
+
+PEERS = ["fastapi", "litserve", "litserve-nobatch", "bentoml"]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def machine() -> list[str]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    model = fields.get("Model name", "?").strip()
+    busiest = subprocess.run(["ps", "-eo", "pcpu,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    others = [line.strip()[:110] for line in busiest.splitlines()[1:6]]
+    return [f"Run on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}: {model}, {os.cpu_count()} CPUs "
+            f"({fields.get('Thread(s) per core', '?').strip()} thread(s) per core), "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python "
+            f"{platform.python_version()}, torch {torch.__version__}. Load average at the start: "
+            f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+            "", "Busiest processes at the start (other work on the machine):", "",
+            *[f"    {line}" for line in others]]
+
+
+def measure_inprocess(w: Workload, results: WorkloadResults, args: argparse.Namespace, folder: Path) -> None:
+    seconds = 0.5 if args.quick else 2.0
+    for backend in ("eager", w.compiled_backend):
+        started = time.perf_counter()
+        runtime = inprocess.load_runtime(w.spec_for(backend))
+        results.loads[backend] = (f"{runtime.backend}, {time.perf_counter() - started:.1f} s"
+                                  + (f", compile cache {runtime.compiled.cache}" if runtime.compiled.cache else ""))
+        results.limit[backend] = inprocess.limit(runtime, w, seconds)
+        results.pipeline_ms[backend] = 1000.0 * inprocess.pipeline_seconds(runtime, w, seconds)
+        log(f"{w.name} {backend}: limit {results.best_limit(backend)}, one request {results.pipeline_ms[backend]:.2f} ms")
+        del runtime
+        gc.collect()
+    backends = ["eager", "aot"] if args.quick else ["eager", "inductor", "aot"]
+    results.compile_ms = inprocess.compile_table(w, backends, 1 if args.quick else 3, seconds / 2)
+    log(f"{w.name} compile table: {results.compile_ms}")
+    gc.collect()
+    if args.cold_start and (w.name == "classifier" or args.cold_start_all):
+        results.starts = inprocess.cold_and_warm_start(w, w.compiled_backend, folder)
+        log(f"{w.name} starts: {results.starts}")
+
+
+async def measure_servers(w: Workload, results: WorkloadResults, args: argparse.Namespace, folder: Path) -> None:
+    compiled = w.compiled_backend
+    adaptive = [w.spec_for(compiled, "slo")] if w.latency_slo_ms else []
+    repositories = {
+        "ray": write_repository(folder / "ray-repo", [w.spec_for("eager"), w.spec_for(compiled), *adaptive]),
+        "noray": write_repository(folder / "noray-repo", [w.spec_for("eager"), w.spec_for(compiled),
+                                                          w.spec_for(compiled, "nobatch"), *adaptive]),
+    }
+    eager_spec = next(write_repository(folder / "eager-repo", [w.spec_for("eager")]).glob("*.yaml"))
+    logs = folder / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    servers, systems = build_servers(w, repositories, eager_spec, logs, [p for p in PEERS if p not in args.skip])
+    if "bentoml" not in servers and "bentoml" not in args.skip:
+        results.failures["BentoML"] = "bentoml is not installed in .venv/bench-tools/bentoml (see docs/performance.md)"
+    try:
+        for server in servers.values():
+            server.start()
+        for name, server in servers.items():
+            if server.wait_ready(args.ready_timeout):
+                results.ready_s[name] = server.ready_s
+            else:
+                results.failures[name] = "did not become ready: " + server.tail(3).replace("\n", " | ")[-400:]
+        log(f"{w.name} servers ready: {results.ready_s}; failed: {list(results.failures)}")
+        live = []
+        for system in systems:
+            problem = probe(system.target) if system.server in results.ready_s else None
+            if problem is None and system.server in results.ready_s:
+                live.append(system)
+            elif problem is not None:
+                results.failures[system.label] = problem
+        seconds = w.seconds_per_point / (4 if args.quick else 1)
+        for round_index in range(args.rounds):
+            shift = round_index % max(1, len(live))
+            for system in live[shift:] + live[:shift]:
+                for concurrency in system.concurrencies or args.concurrency:
+                    run = await closed_loop(system.target, concurrency, seconds,
+                                            servers[system.server].process.pid)
+                    results.runs.setdefault(system.label, {}).setdefault(concurrency, []).append(run)
+                    if "adaptive" in system.label:
+                        results.adaptive.setdefault(system.label, {})[concurrency] = batching_info(system.target.url)
+                    log(f"{w.name} round {round_index + 1} {system.label} c={concurrency}: "
+                        f"{run.throughput:.1f}/s p50 {run.p50_ms} p99 {run.p99_ms} errors {run.errors}")
+        for label in args.profile:
+            system = next((s for s in live if s.label == label), None)
+            if system is not None:
+                results.profiles[label] = await profile_system(system, servers[system.server].process.pid, seconds,
+                                                               folder / f"profile-{len(results.profiles)}.txt")
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def probe(target: Target) -> str | None:
+    """None if one request gets a 200 answer, else what went wrong."""
+    request = urllib.request.Request(target.url, data=target.body, headers=target.headers)
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}: {exc.read()[:300]!r}"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def batching_info(infer_url: str) -> dict:
+    """The live batching choice a hybridserve model reports (``GET /v1/models/{name}``)."""
+    with urllib.request.urlopen(infer_url.rsplit("/", 1)[0], timeout=10) as response:
+        return json.loads(response.read())["batching"]
+
+
+async def profile_system(system, pid: int, seconds: float, output: Path) -> str:
+    recorder = profile.start(pid, seconds + 2, output)
+    if recorder is None:
+        return "(py-spy is not installed)"
+    await closed_loop(system.target, 32, seconds + 4, pid)
+    recorder.wait(timeout=120)
+    return profile.summarise(output, seconds + 2) if output.is_file() else "(py-spy wrote no samples)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short windows, one round, eager/aot compile table only")
+    parser.add_argument("--only", nargs="*", help="workloads to run: classifier, craft-x4")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2, quick 1)")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
+    parser.add_argument("--skip", nargs="*", default=[], choices=PEERS, help="peer servers to leave out")
+    parser.add_argument("--no-servers", action="store_true", help="in-process measurements only")
+    parser.add_argument("--no-cold-start", dest="cold_start", action="store_false")
+    parser.add_argument("--cold-start-all", action="store_true", help="also cold-start CRAFT (minutes of compiling)")
+    parser.add_argument("--profile", nargs="*", default=[], help="system labels to profile with py-spy at c=32")
+    parser.add_argument("--ready-timeout", type=float, default=1800.0)
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 2)
+    if args.quick:
+        args.cold_start = False
+    torch.set_num_threads(1)
+    header = machine()
+    chosen = workloads(args.only)
+    if not chosen:
+        sys.exit(f"no workload matches {args.only}")
+    folder = Path(tempfile.mkdtemp(prefix="hybridserve-bench-"))
+    log(f"working folder {folder}")
+    results = []
+    for w in chosen:
+        result = WorkloadResults(w.name, w.compiled_backend)
+        measure_inprocess(w, result, args, folder)
+        if not args.no_servers:
+            asyncio.run(measure_servers(w, result, args, folder / w.name))
+        results.append(result)
+    header += ["", f"Command: `python -m benchmarks.run {' '.join(sys.argv[1:] if argv is None else argv)}`; "
+               f"rounds {args.rounds}; measuring window per point: " + ", ".join(
+                   f"{w.name} {w.seconds_per_point / (4 if args.quick else 1):.0f} s" for w in chosen) + "."]
+    report.write(args.output, report.render(results, header))
+    log(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

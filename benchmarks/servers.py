@@ -1,0 +1,165 @@
+"""Server processes under test: how each is started, when it is ready, where requests go.
+
+Every server runs in its own process group, started here and stopped here (SIGTERM, then
+SIGKILL of that group only). Torch threads are pinned to one per model worker everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.loadgen import Target
+from benchmarks.workloads import ROOT, Workload
+
+BENTOML_TOOLS = ROOT / ".venv" / "bench-tools" / "bentoml"
+JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """One started server: its command, log file, readiness URL and process."""
+
+    name: str
+    command: list[str]
+    ready_url: str
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+    ready_s: float | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "BENCH_TORCH_THREADS": "1", **self.env}
+        handle = open(self.log, "w")
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self._started = time.monotonic()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        deadline = self._started + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=5) as response:
+                    if response.status == 200:
+                        self.ready_s = time.monotonic() - self._started
+                        return True
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1.0)
+        return False
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        group = os.getpgid(self.process.pid)
+        os.killpg(group, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(group, signal.SIGKILL)  # what the server left behind in its own group
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class System:
+    """A row of the results table: a server (or none) and the request that reaches this model on it."""
+
+    label: str
+    server: str  # key into the started servers
+    target: Target
+    concurrencies: tuple[int, ...] | None = None  # None: every concurrency of the run
+
+
+def hybridserve_target(base: str, workload: Workload, backend: str, batching: str = "") -> Target:
+    return Target(f"{base}/v1/models/{workload.variant(backend, batching)}/{workload.verb}", workload.payload,
+                  JSON_HEADERS)
+
+
+def peer_target(base: str, workload: Workload, bentoml: bool = False) -> Target:
+    body = workload.payload
+    if bentoml:
+        body = json.dumps({"images": [json.loads(body)["image"]]}).encode()
+    return Target(f"{base}/predict", body, JSON_HEADERS)
+
+
+def build_servers(workload: Workload, repositories: dict[str, Path], eager_spec: Path, logs: Path,
+                  peers: list[str]) -> tuple[dict[str, ServerProcess], list[System]]:
+    """The servers to start for one workload and the systems (rows) they serve."""
+    python = sys.executable
+    batching = workload.spec.get("batching", {})
+    max_batch, wait_ms = str(batching.get("max_batch_size", 8)), str(batching.get("max_wait_ms", 5.0))
+    compiled = workload.compiled_backend
+    ports = {name: free_port() for name in ("ray", "noray", "fastapi", "litserve", "litserve-nobatch", "bentoml")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    hybridserve = [python, "-m", "hybridserve.server.cli", "serve", "--repository", str(repositories["ray"]),
+                   "--host", "127.0.0.1", "--port", str(ports["ray"]), "--grpc-port", str(free_port())]
+    peer = [python, "-m", "benchmarks.peers"]
+    servers = {
+        "ray": ServerProcess("ray", hybridserve, url["ray"] + "/readyz", logs / "ray.log"),
+        "noray": ServerProcess("noray", peer + ["noray", "--spec", str(repositories["noray"]), "--port",
+                                         str(ports["noray"])], url["noray"] + "/readyz", logs / "noray.log"),
+        "fastapi": ServerProcess("fastapi", peer + ["fastapi", "--spec", str(eager_spec), "--port", str(ports["fastapi"])],
+                                 url["fastapi"] + "/health", logs / "fastapi.log"),
+        "litserve": ServerProcess("litserve", peer + ["litserve", "--spec", str(eager_spec), "--port",
+                                  str(ports["litserve"]), "--max-batch", max_batch, "--wait-ms", wait_ms],
+                                  url["litserve"] + "/health", logs / "litserve.log"),
+        "litserve-nobatch": ServerProcess("litserve-nobatch", peer + ["litserve", "--spec", str(eager_spec), "--port",
+                                          str(ports["litserve-nobatch"])], url["litserve-nobatch"] + "/health",
+                                          logs / "litserve-nobatch.log"),
+        "bentoml": ServerProcess(
+            "bentoml", [python, str(BENTOML_TOOLS / "bin" / "bentoml"), "serve",
+                        "benchmarks.bentoml_service:BenchService", "--host", "127.0.0.1", "--port", str(ports["bentoml"])],
+            url["bentoml"] + "/readyz", logs / "bentoml.log",
+            env={"PYTHONPATH": f"{BENTOML_TOOLS}{os.pathsep}{ROOT}", "BENCH_SPEC": str(eager_spec),
+                 "BENCH_MAX_BATCH": max_batch,
+                 "BENCH_MAX_LATENCY_MS": str(int(max(1000.0, workload.seconds_per_point * 1500)))}),
+    }
+    at_32 = (32,)
+    systems = [
+        System(f"hybridserve Ray ({compiled})", "ray", hybridserve_target(url["ray"], workload, compiled)),
+        System("hybridserve Ray (eager)", "ray", hybridserve_target(url["ray"], workload, "eager")),
+        System(f"hybridserve no-ray ({compiled})", "noray", hybridserve_target(url["noray"], workload, compiled)),
+        System("hybridserve no-ray (eager)", "noray", hybridserve_target(url["noray"], workload, "eager")),
+        System(f"hybridserve no-ray ({compiled}), batch 1", "noray",
+               hybridserve_target(url["noray"], workload, compiled, "nobatch"), at_32),
+        *([System(f"hybridserve Ray ({compiled}), adaptive, SLO {workload.latency_slo_ms:g} ms", "ray",
+                  hybridserve_target(url["ray"], workload, compiled, "slo")),
+           System(f"hybridserve no-ray ({compiled}), adaptive, SLO {workload.latency_slo_ms:g} ms", "noray",
+                  hybridserve_target(url["noray"], workload, compiled, "slo"))] if workload.latency_slo_ms else []),
+        System("FastAPI + uvicorn (eager)", "fastapi", peer_target(url["fastapi"], workload)),
+        System("LitServe batched (eager)", "litserve", peer_target(url["litserve"], workload)),
+        System("LitServe batch 1 (eager)", "litserve-nobatch", peer_target(url["litserve-nobatch"], workload), at_32),
+        System("BentoML batched (eager)", "bentoml", peer_target(url["bentoml"], workload, bentoml=True)),
+    ]
+    wanted = {"ray", "noray", *peers}
+    if not BENTOML_TOOLS.is_dir():
+        wanted.discard("bentoml")
+    return ({k: v for k, v in servers.items() if k in wanted},
+            [s for s in systems if s.server in wanted])

@@ -14,8 +14,9 @@ The controller keeps three measurements, all from live batches:
 The choice: an item may wait for the batch in flight, then for its own batch to fill, then
 for its own batch to compute, so the largest batch ``B`` with ``2·t(B) <= h·SLO`` is allowed,
 but no larger than the demand (a batch that cannot fill only waits). The wait is what is left
-of the budget, no longer than the expected time for ``B - 1`` more arrivals, and zero when
-requests come one at a time. ``h`` (headroom) is adjusted AIMD-style, as in Clipper: cut by a
+of the budget, no longer than the expected time for ``B - 1`` more arrivals nor than one
+batch's compute time (waiting longer for stragglers costs more than running a second batch),
+and zero when requests come one at a time. ``h`` (headroom) is adjusted AIMD-style, as in Clipper: cut by a
 quarter when the measured p99 exceeds the objective, raised by 5 % of the objective while it
 stays under 80 % of it. Under overload (more items waiting than the largest allowed batch)
 the headroom is not cut: smaller batches would only lower throughput, and the queue limit
@@ -121,9 +122,10 @@ class AdaptiveBatchController:
         size = max(1, min(allowed, demand))
         if demand <= 1:
             return BatchingChoice(size, 0.0)
-        left = max(0.0, budget - 2 * (fixed + per_item * size))
+        cost = fixed + per_item * size
+        left = max(0.0, budget - 2 * cost)
         fill = (size - 1) * self._gap_s if self._gap_s is not None else 0.0
-        return BatchingChoice(size, round(min(left, fill) * 1000.0, 3))
+        return BatchingChoice(size, round(min(left, fill, cost) * 1000.0, 3))
 
     def _adjust_headroom(self) -> None:
         ordered = sorted(self._latencies)

@@ -60,6 +60,14 @@ def test_batches_do_not_outgrow_the_demand_and_the_wait_follows_arrivals():
     assert 0 < choice.max_wait_ms <= 5 * 0.5 + 1e-6  # about the time five more arrivals take
 
 
+def test_the_wait_never_exceeds_one_batch_of_compute():
+    controller = AdaptiveBatchController(latency_slo_ms=100.0, ceiling=64)
+    for step in range(20):
+        controller.arrival(now=step * 0.010)  # sparse arrivals: five more would take 50 ms
+    choice = feed(controller, [4, 6, 6, 5], waiting=6)
+    assert choice.max_batch_size == 6 and abs(choice.max_wait_ms - 1000 * cost_s(6)) < 1e-6
+
+
 def test_headroom_is_cut_when_p99_exceeds_the_objective_and_recovers_when_it_is_met():
     controller = AdaptiveBatchController(latency_slo_ms=20.0, ceiling=64)
     before = feed(controller, [4, 8] * 16, waiting=8, wait_s=0.030)  # every item took > 30 ms

@@ -26,8 +26,9 @@ test: install
 fuzz: install
 	HF_HUB_OFFLINE=1 HYBRIDSERVE_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q -m "slow" tests/ -k fuzz
 
+# make bench BENCH_ARGS="--quick --only classifier"; LitServe and BentoML: see docs/performance.md.
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

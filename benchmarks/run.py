@@ -80,8 +80,8 @@ async def measure_servers(w: Workload, results: WorkloadResults, args: argparse.
     adaptive = [w.spec_for(compiled, "slo")] if w.latency_slo_ms else []
     repositories = {
         "ray": write_repository(folder / "ray-repo", [w.spec_for("eager"), w.spec_for(compiled), *adaptive]),
-        "noray": write_repository(folder / "noray-repo", [w.spec_for("eager"), w.spec_for(compiled),
-                                                          w.spec_for(compiled, "nobatch"), *adaptive]),
+        "noray": write_repository(folder / "noray-repo", [w.spec_for("eager"), w.spec_for(compiled), *adaptive,
+                                                          *([w.spec_for(compiled, "nobatch")] if w.batching_gain else [])]),
     }
     eager_spec = next(write_repository(folder / "eager-repo", [w.spec_for("eager")]).glob("*.yaml"))
     logs = folder / "logs"
@@ -106,7 +106,8 @@ async def measure_servers(w: Workload, results: WorkloadResults, args: argparse.
             elif problem is not None:
                 results.failures[system.label] = problem
         seconds = w.seconds_per_point / (4 if args.quick else 1)
-        for round_index in range(args.rounds):
+        rounds = args.rounds or (1 if args.quick else w.rounds)
+        for round_index in range(rounds):
             shift = round_index % max(1, len(live))
             for system in live[shift:] + live[:shift]:
                 for concurrency in system.concurrencies or args.concurrency:
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short windows, one round, eager/aot compile table only")
     parser.add_argument("--only", nargs="*", help="workloads to run: classifier, craft-x4")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2, quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: classifier 2, CRAFT 1; quick 1)")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--skip", nargs="*", default=[], choices=PEERS, help="peer servers to leave out")
     parser.add_argument("--no-servers", action="store_true", help="in-process measurements only")
@@ -168,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-timeout", type=float, default=1800.0)
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 2)
     if args.quick:
         args.cold_start = False
     torch.set_num_threads(1)
@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(measure_servers(w, result, args, folder / w.name))
         results.append(result)
     header += ["", f"Command: `python -m benchmarks.run {' '.join(sys.argv[1:] if argv is None else argv)}`; "
-               f"rounds {args.rounds}; measuring window per point: " + ", ".join(
-                   f"{w.name} {w.seconds_per_point / (4 if args.quick else 1):.0f} s" for w in chosen) + "."]
+               "rounds and measuring window per point: " + ", ".join(
+                   f"{w.name} {args.rounds or (1 if args.quick else w.rounds)} x {w.seconds_per_point / (4 if args.quick else 1):.0f} s"
+                   for w in chosen) + "."]
     report.write(args.output, report.render(results, header))
     log(f"wrote {args.output}")
     return 0

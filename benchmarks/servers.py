@@ -158,6 +158,9 @@ def build_servers(workload: Workload, repositories: dict[str, Path], eager_spec:
         System("LitServe batch 1 (eager)", "litserve-nobatch", peer_target(url["litserve-nobatch"], workload), at_32),
         System("BentoML batched (eager)", "bentoml", peer_target(url["bentoml"], workload, bentoml=True)),
     ]
+    if not workload.batching_gain:
+        systems = [s for s in systems if s.concurrencies != at_32]
+        peers = [p for p in peers if p != "litserve-nobatch"]
     wanted = {"ray", "noray", *peers}
     if not BENTOML_TOOLS.is_dir():
         wanted.discard("bentoml")

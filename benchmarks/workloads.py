@@ -39,6 +39,8 @@ class Workload:
     compile_batches: tuple[int, int]  # batch sizes of the compile speed-up table
     seconds_per_point: float  # measuring time per (server, concurrency)
     latency_slo_ms: float | None = None  # for the adaptive-batching variant
+    batching_gain: bool = True  # measure the batch-1 variants (the batching gain) too
+    rounds: int = 2  # interleaved rounds of server measurements
 
     @property
     def verb(self) -> str:
@@ -92,7 +94,8 @@ def craft_workload() -> Workload | None:
         "batching": {"max_batch_size": 4, "max_wait_ms": 5.0},
     }
     image = np.asarray(Image.open(CRAFT_INPUT).convert("RGB"))[:128, :128]
-    return Workload("craft-x4", spec, _json_image(_png(np.ascontiguousarray(image), "RGB")), "aot", (1, 4), 40.0)
+    return Workload("craft-x4", spec, _json_image(_png(np.ascontiguousarray(image), "RGB")), "aot", (1, 4), 30.0,
+                    batching_gain=False, rounds=1)
 
 
 def workloads(only: list[str] | None = None) -> list[Workload]:

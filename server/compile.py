@@ -401,24 +401,30 @@ def _build_inductor(module, examples, max_batch, buckets, folder, meta):
     blob = folder / "inductor.bin"
     if meta is not None and blob.is_file():
         torch.compiler.load_cache_artifacts(blob.read_bytes())
-    dynamic = buckets is None
-    sizes = default_buckets(max_batch) if buckets is None else buckets
+    dynamic = buckets is None if meta is None else "dynamic" in meta["files"]
+    sizes = buckets or default_buckets(max_batch)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, len(sizes) + 4)
-    compiled = torch.compile(module, dynamic=None if dynamic else False)
+    programs: dict[int | None, Program] = {}
     with torch.inference_mode():
         if dynamic:
+            compiled = torch.compile(module)
             first = examples(min(2, max_batch))
             for tensor in first:
                 torch._dynamo.mark_dynamic(tensor, 0)
-            compiled(*first)
-            programs: dict[int | None, Program] = {None: compiled}
-            for size in sorted({1, max_batch}):
-                compiled(*examples(size))
-        else:
-            programs = {size: compiled for size in sizes}
+            try:
+                compiled(*first)
+                for size in sorted({1, max_batch}):
+                    compiled(*examples(size))
+                programs[None] = compiled
+            except Exception as exc:  # the model fixes its batch size: static buckets
+                log.info("dynamic-batch compile failed (%s); compiling static batch buckets", type(exc).__name__)
+                dynamic = False
+        if not dynamic:
+            compiled = torch.compile(module, dynamic=False)
             for size in sizes:
                 compiled(*examples(size))
+                programs[size] = compiled
     if meta is None:
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None:
@@ -508,14 +514,16 @@ def _compiled(handler: TaskHandler, eager: nn.Module, backend: str, config: Comp
     def examples(size: int) -> tuple[torch.Tensor, ...]:
         return example_batch(item, size, device, dtype)
 
-    checks = [examples(1), examples(min(3, max_batch))]
+    def checks(runner: BatchRunner) -> list[tuple[torch.Tensor, ...]]:  # every program, and the padding
+        return [examples(n) for n in sorted({1, min(3, max_batch), *runner.buckets})]
+
     meta = store.meta()
     if meta is not None:
         started = time.perf_counter()
         try:
             programs, _ = BUILDERS[backend](eager, examples, max_batch, buckets, store.path, meta)
             runner = BatchRunner(programs, eager, item_shapes, max_batch)
-            check_against_eager(eager, runner, checks, precision, spec.name)
+            check_against_eager(eager, runner, checks(runner), precision, spec.name)
             log.info("model %s: loaded %s artifact %s in %.2fs (cache hit)", spec.name, backend, store.path,
                      time.perf_counter() - started)
             return CompileResult(runner, backend, "hit", runner.warmup_sizes, item, store.path)
@@ -528,7 +536,7 @@ def _compiled(handler: TaskHandler, eager: nn.Module, backend: str, config: Comp
     try:
         programs, files = BUILDERS[backend](eager, examples, max_batch, buckets, staging, None)
         runner = BatchRunner(programs, eager, item_shapes, max_batch)
-        error = check_against_eager(eager, runner, checks, precision, spec.name)
+        error = check_against_eager(eager, runner, checks(runner), precision, spec.name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

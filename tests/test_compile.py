@@ -50,6 +50,13 @@ class TwoHeads(TinyNet):
         return self.head(features), features
 
 
+class FixedBatch(TinyNet):
+    """Loops over the batch in Python, so tracing fixes the batch size (dynamic-batch compiles fail)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([super(FixedBatch, self).forward(x[i:i + 1]) for i in range(x.shape[0])])
+
+
 class DriftsWhenCompiled(TinyNet):
     """Deliberately wrong once compiled: adds 0.5 to the logits only inside a compiled graph."""
 
@@ -149,6 +156,14 @@ def test_inductor_matches_eager_and_keeps_its_kernels(compile_cache):
     assert_matches_eager(handler, cold.module, range(1, MAX_BATCH + 1))
     again = tiny_handler("inductor")
     assert compile_model(again, again.spec.compile, CPU).cache == "hit"
+
+
+def test_a_model_that_fixes_its_batch_gets_static_buckets(compile_cache):
+    handler = tiny_handler("inductor", model=FixedBatch)
+    result = compile_model(handler, handler.spec.compile, CPU)
+    assert result.backend == "inductor" and not result.module.dynamic
+    assert result.warmup_sizes == default_buckets(MAX_BATCH) == (1, 2, 4)
+    assert_matches_eager(handler, result.module, range(1, 2 * MAX_BATCH + 1))
 
 
 def test_a_compiled_module_that_differs_from_eager_fails_the_load(compile_cache):

@@ -25,6 +25,7 @@ from hybridserve.server.dataplane import DataPlane
 from hybridserve.server.errors import InvalidInput, as_hybridserve_error
 from hybridserve.server.handlers import InferenceRequest, Options
 from hybridserve.server.http_api import HTTPSettings
+from hybridserve.server.security import AuthPolicy
 
 log = logging.getLogger("hybridserve.grpc")
 
@@ -60,6 +61,10 @@ def report_error(context: RayServegRPCContext | None, exc: BaseException) -> Non
     context.set_trailing_metadata(metadata)
 
 
+AUTH = AuthPolicy.from_env()
+OPEN_RPCS = {"ServerLive", "ServerReady"}  # health stays open, as /healthz and /readyz do
+
+
 def _rpc(response_type: type, api: str | None = None):
     """An RPC method whose failures become a status (and an empty ``response_type`` message).
 
@@ -70,6 +75,8 @@ def _rpc(response_type: type, api: str | None = None):
         async def call(self, request, grpc_context: RayServegRPCContext | None = None):
             seen = metrics.observe_rpc(api, self.plane.endpoints, request, grpc_context)
             try:
+                if AUTH.enabled and method.__name__ not in OPEN_RPCS:
+                    AUTH.check(grpc_context.invocation_metadata() if grpc_context is not None else [])
                 return seen.answered(await method(self, request, grpc_context))
             except Exception as exc:
                 report_error(grpc_context, exc)

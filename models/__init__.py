@@ -7,6 +7,7 @@ architecture reference and loads its weights. References:
 - ``timm:<model_name>``    any timm model, built with ``pretrained=False``;
 - ``spandrel``             a restoration checkpoint whose architecture spandrel detects;
 - ``transformers:<kind>``  CvT, DETR and RT-DETR through Hugging Face transformers;
+- ``zoo:<name>``           AHIQ (full-reference) and MANIQA (no-reference) IQA on timm backbones;
 - ``python:<module>:<factory>`` the operator's own code (a module name, or a ``.py`` file
   relative to the spec).
 

@@ -26,6 +26,15 @@ from hybridserve.server.http_api import HTTPSettings, read_body, request_id_of
 INFERENCE_HEADER = "Inference-Header-Content-Length"
 
 
+class OIPError(BaseModel):
+    """The Open Inference Protocol's error body."""
+
+    error: str
+
+
+OIP_ERRORS: dict = {code: {"model": OIPError} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
+
+
 class _InputTensor(BaseModel):
     name: str
     datatype: str
@@ -44,6 +53,23 @@ class _InferRequestHeader(BaseModel):
     parameters: dict[str, Any] = {}
     inputs: list[_InputTensor]
     outputs: list[_RequestedOutput] | None = None
+
+
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {
+        "type": "object", "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "datatype", "shape"],
+                       "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                                      "shape": {"type": "array", "items": {"type": "integer"}},
+                                      "parameters": {"type": "object"}, "data": {}}}},
+            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                        "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}},
+        }}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": "JSON header then binary tensors (Inference-Header-Content-Length)"},
+}}}
 
 
 def _error(exc: BaseException) -> JSONResponse:
@@ -140,7 +166,7 @@ def infer_response(answer: oip.InferAnswer, binary_outputs: set[str] | None) -> 
 def oip_router(plane: DataPlane, settings: HTTPSettings | None = None) -> APIRouter:
     """The ``/v2`` routes over ``plane``."""
     settings = settings or HTTPSettings.from_env()
-    router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+    router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], responses=OIP_ERRORS)
 
     @router.get("", summary="Server metadata")
     @_answers_errors
@@ -186,5 +212,6 @@ def oip_router(plane: DataPlane, settings: HTTPSettings | None = None) -> APIRou
     for base in ("/models/{name}", "/models/{name}/versions/{version}"):
         router.add_api_route(base, model_metadata, methods=["GET"], summary="Model metadata")
         router.add_api_route(f"{base}/ready", model_ready, methods=["GET"], summary="Model readiness")
-        router.add_api_route(f"{base}/infer", model_infer, methods=["POST"], summary="Inference")
+        router.add_api_route(f"{base}/infer", model_infer, methods=["POST"], summary="Inference",
+                             openapi_extra=INFER_BODY)
     return router

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,10 +24,18 @@ def png(seed: int = 0) -> bytes:
 
 
 def replica_pids(deployment: str) -> list[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-    return [a.pid for a in actors if a.class_name == f"ServeReplica:hybridserve:{deployment}"]
+    """Processes of the deployment's live replicas (Ray titles them ``ray::ServeReplica:<app>:<deployment>``)."""
+    title = f"ServeReplica:hybridserve:{deployment}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if title in command and b"ray::" in command:
+                pids.append(int(entry.name))
+    return pids
 
 
 def test_killed_replica_fails_fast_and_recovers(server):
@@ -86,6 +95,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         local.process.send_signal(signal.SIGTERM)
         caller.join(timeout=30)
         assert result["response"].status_code == 200
-        assert local.process.wait(timeout=30) == 0
+        # uvicorn exits after the graceful shutdown, re-raising SIGTERM (exit status -15).
+        assert local.process.wait(timeout=30) in (0, -signal.SIGTERM)
     finally:
         local.stop()

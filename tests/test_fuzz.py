@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
 from hybridserve.server.errors import HybridServeError
 from hybridserve.server.images import decode_image
 
@@ -31,7 +33,9 @@ def test_api_contract_holds_for_generated_requests(server):
         @given(case=operation.as_strategy())
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
-            case.call_and_validate(base_url=server.http_url, timeout=60)
+            # Whether bytes are a decodable image, or tensors fit a model, is beyond what OpenAPI can
+            # state: schema-valid requests may rightly get 4xx, so that one check is left out.
+            case.call_and_validate(base_url=server.http_url, timeout=60, excluded_checks=[positive_data_acceptance])
 
         check()
 

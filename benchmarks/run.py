@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"working folder {folder}")
     results = []
     for w in chosen:
-        result = WorkloadResults(w.name, w.compiled_backend)
+        result = WorkloadResults(w.name, w.compiled_backend, w.compute_bound)
         measure_inprocess(w, result, args, folder)
         if not args.no_servers:
             asyncio.run(measure_servers(w, result, args, folder / w.name))

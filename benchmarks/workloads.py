@@ -41,6 +41,7 @@ class Workload:
     latency_slo_ms: float | None = None  # for the adaptive-batching variant
     batching_gain: bool = True  # measure the batch-1 variants (the batching gain) too
     rounds: int = 2  # interleaved rounds of server measurements
+    compute_bound: bool = False  # the model's compute, not serving overhead, bounds throughput
 
     @property
     def verb(self) -> str:
@@ -95,7 +96,7 @@ def craft_workload() -> Workload | None:
     }
     image = np.asarray(Image.open(CRAFT_INPUT).convert("RGB"))[:128, :128]
     return Workload("craft-x4", spec, _json_image(_png(np.ascontiguousarray(image), "RGB")), "aot", (1, 4), 30.0,
-                    batching_gain=False, rounds=1)
+                    batching_gain=False, rounds=1, compute_bound=True)
 
 
 def workloads(only: list[str] | None = None) -> list[Workload]:

@@ -19,7 +19,10 @@ def test_models_list_shows_the_builtin_models():
     out = run("models", "list")
     assert out.returncode == 0, out.stderr
     names = {line.split()[0] for line in out.stdout.splitlines()}
-    assert {"classifier", "detector", "super-resolution-x2", "denoiser", "quality", "psnr"} <= names
+    from hybridserve.server.spec import builtin_repository
+
+    assert names == {path.stem for path in builtin_repository().glob("*.yaml")}
+    assert {"classifier", "detector", "super-resolution-x2", "denoiser", "psnr", "ssim"} <= names
 
 
 def test_models_check_reports_each_broken_spec(tmp_path: Path):

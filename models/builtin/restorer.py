@@ -93,10 +93,24 @@ class WindowAttention(nn.Module):
         n, num_windows, length, dim = windows.shape
         qkv = self.qkv(windows).view(n, num_windows, length, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (N, nW, heads, L, d)
-        scores = (q * self.scale) @ k.transpose(-2, -1) + self.bias_table[self.bias_index].permute(2, 0, 1)
-        if mask is not None:
-            scores = scores + mask
-        out = scores.softmax(dim=-1) @ v
+        bias = self.bias_table[self.bias_index].permute(2, 0, 1)  # (heads, L, L)
+        if torch.is_grad_enabled():
+            # Training: explicit scores, whose backward is the fastest on CPU.
+            scores = (q * self.scale) @ k.transpose(-2, -1) + bias
+            if mask is not None:
+                scores = scores + mask
+            out = scores.softmax(dim=-1) @ v
+        else:
+            # Inference: the fused kernel never materialises the scores of all windows at once.
+            # Without a shift every window shares the bias; with one, the mask differs per
+            # window, so windows become extra heads and the (window, head) mask broadcasts over N.
+            if mask is None:
+                groups, attn_mask = (n * num_windows, self.num_heads), bias[None]
+            else:
+                groups, attn_mask = (n, num_windows * self.num_heads), (bias + mask).reshape(1, -1, length, length)
+            q, k, v = (t.reshape(*groups, length, -1) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+            out = out.view(n, num_windows, self.num_heads, length, -1)
         return self.proj(out.transpose(2, 3).reshape(n, num_windows, length, dim))
 
 
@@ -116,12 +130,12 @@ class WindowTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2], x.shape[3]
         tokens = x.permute(0, 2, 3, 1)
-        shifted = self.norm1(tokens)
+        normed = self.norm1(tokens)
         mask = None
         if self.shift:
-            shifted = torch.roll(shifted, shifts=(-self.shift, -self.shift), dims=(1, 2))
+            normed = torch.roll(normed, shifts=(-self.shift, -self.shift), dims=(1, 2))
             mask = shifted_window_mask(h, w, self.window, self.shift, x.device).to(x.dtype)
-        attended = window_merge(self.attn(window_partition(shifted, self.window), mask), self.window, h, w)
+        attended = window_merge(self.attn(window_partition(normed, self.window), mask), self.window, h, w)
         if self.shift:
             attended = torch.roll(attended, shifts=(self.shift, self.shift), dims=(1, 2))
         tokens = tokens + attended

@@ -13,7 +13,9 @@ The controller keeps three measurements, all from live batches:
 
 The choice: an item may wait for the batch in flight, then for its own batch to fill, then
 for its own batch to compute, so the largest batch ``B`` with ``2·t(B) <= h·SLO`` is allowed,
-but no larger than the demand (a batch that cannot fill only waits). The wait is what is left
+but no larger than the demand (a batch that cannot fill only waits), and no larger than a
+size whose measured cost per item is beaten by a smaller batch (batching can lose: CRAFT x4
+took 4.1 s per image in batches of 4 against 2.1 s alone on this project's CPU). The wait is what is left
 of the budget, no longer than the expected time for ``B - 1`` more arrivals nor than one
 batch's compute time (waiting longer for stragglers costs more than running a second batch),
 and zero when requests come one at a time. ``h`` (headroom) is adjusted AIMD-style, as in Clipper: cut by a
@@ -36,6 +38,7 @@ from typing import Any
 EWMA = 0.2  # weight of a new sample in moving averages
 WINDOW = 32  # batches per AIMD step and per demand estimate
 MIN_HEADROOM, DECREASE, INCREASE = 0.2, 0.75, 0.05
+MIN_SAMPLES = 3  # batches of a size before its cost can cap the batch size
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class AdaptiveBatchController:
         self.choice = BatchingChoice(min(first.max_batch_size, self.ceiling), min(first.max_wait_ms, latency_slo_ms / 2))
         self.headroom = 1.0
         self._cost_s: dict[int, float] = {}
+        self._samples: dict[int, int] = {}
         self._demand: deque[int] = deque(maxlen=WINDOW)
         self._latencies: deque[float] = deque(maxlen=WINDOW * 8)
         self._gap_s: float | None = None
@@ -79,6 +83,7 @@ class AdaptiveBatchController:
         with self._lock:
             previous = self._cost_s.get(batch_size)
             self._cost_s[batch_size] = compute_s if previous is None else (1 - EWMA) * previous + EWMA * compute_s
+            self._samples[batch_size] = self._samples.get(batch_size, 0) + 1
             self._demand.append(max(waiting, batch_size))
             self._latencies.extend(wait + compute_s for wait in queue_waits_s)
             self._batches += 1
@@ -109,11 +114,24 @@ class AdaptiveBatchController:
             return 0.0, max(t / b for b, t in self._cost_s.items())
         return fixed, slope
 
+    def most_efficient(self) -> int:
+        """The ceiling, or the batch size beyond which measured batches cost more per item (10 % or more).
+
+        Batching is not always a gain: a memory-bound model on CPU can take longer per image
+        in a batch of 4 than alone. Only sizes seen at least ``MIN_SAMPLES`` times count.
+        """
+        seen = {size: cost / size for size, cost in self._cost_s.items() if self._samples[size] >= MIN_SAMPLES}
+        if not seen:
+            return self.ceiling
+        best = min(seen, key=seen.get)
+        worse_above = any(size > best and per_item > 1.1 * seen[best] for size, per_item in seen.items())
+        return best if worse_above else self.ceiling
+
     def _decide(self) -> BatchingChoice:
         fixed, per_item = self._fit()
         budget = self.headroom * self.slo_s
         allowed = 1
-        for size in range(self.ceiling, 0, -1):
+        for size in range(self.most_efficient(), 0, -1):
             if 2 * (fixed + per_item * size) <= budget + 1e-9:
                 allowed = size
                 break
@@ -152,5 +170,6 @@ class AdaptiveBatchController:
                 "batch_fixed_ms": round(fixed * 1000.0, 3),
                 "batch_per_item_ms": None if per_item is None else round(per_item * 1000.0, 3),
                 "arrival_gap_ms": None if self._gap_s is None else round(self._gap_s * 1000.0, 3),
+                "most_efficient_batch": self.most_efficient(),
                 "batches": self._batches,
             }

@@ -43,6 +43,15 @@ def test_a_looser_objective_allows_larger_batches_up_to_the_ceiling():
     assert feed(capped, sizes, 100).max_batch_size == 16
 
 
+def test_batches_that_cost_more_per_item_are_not_chosen():
+    controller = AdaptiveBatchController(latency_slo_ms=60_000.0, ceiling=8)
+    choice = controller.choice
+    for size in [8, 4, 2, 1] * 3:  # memory-bound: a batch of b takes b ** 1.5 seconds
+        choice = controller.observe(size, size ** 1.5, [0.0] * size, waiting=50)
+    assert controller.most_efficient() == 1 and choice.max_batch_size == 1
+    assert controller.state()["most_efficient_batch"] == 1
+
+
 def test_one_request_at_a_time_gets_no_batch_wait():
     controller = AdaptiveBatchController(latency_slo_ms=50.0, ceiling=32, initial=BatchingChoice(32, 10.0))
     for step in range(5):

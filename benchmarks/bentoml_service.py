@@ -26,7 +26,8 @@ class BenchService:
     def __init__(self) -> None:
         self.pipeline = Pipeline(os.environ["BENCH_SPEC"])
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
+    @bentoml.api(**({"batchable": True, "batch_dim": 0, "max_batch_size": MAX_BATCH, "max_latency_ms": MAX_LATENCY_MS}
+                    if MAX_BATCH > 1 else {}))  # BentoML refuses a batchable API with max_batch_size 1
     def predict(self, images: list[str]) -> list[dict[str, Any]]:
         prepared = [self.pipeline.prepare({"image": image}) for image in images]
         return [self.pipeline.respond(p, out) for p, out in zip(prepared, self.pipeline.forward(prepared))]

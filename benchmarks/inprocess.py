@@ -92,7 +92,7 @@ def pipeline_seconds(runtime: ModelRuntime, workload: Workload, min_seconds: flo
 
 def compile_table(workload: Workload, backends: list[str], rounds: int, min_seconds: float) -> dict[str, dict[int, float]]:
     """Median ms per batch for each backend and batch size, the backends interleaved in every round."""
-    runtimes = {backend: load_runtime(workload.spec_for(backend)) for backend in backends}
+    runtimes = {backend: load_runtime(workload.spec_for(backend, "compile-table")) for backend in backends}
     samples: dict[str, dict[int, list[float]]] = {b: {n: [] for n in workload.compile_batches} for b in backends}
     for _ in range(rounds):
         for backend, runtime in runtimes.items():

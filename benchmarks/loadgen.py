@@ -64,8 +64,8 @@ class LoadResult:
         return self.client_cpu_s / self.seconds if self.seconds else 0.0
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU seconds of ``root`` and every process below it (from /proc)."""
+def _processes() -> tuple[dict[int, int], dict[int, float]]:
+    """Parent and user + system CPU seconds of every process (from /proc)."""
     parents: dict[int, int] = {}
     cpu: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
@@ -79,6 +79,28 @@ def tree_cpu_seconds(root: int) -> float:
         pid = int(entry.name)
         parents[pid] = int(fields[1])
         cpu[pid] = (int(fields[11]) + int(fields[12])) / TICKS
+    return parents, cpu
+
+
+def busiest_now(seconds: float = 2.0, top: int = 5) -> list[str]:
+    """The processes that used the most CPU over the next ``seconds``, as 'share% command'."""
+    _, before = _processes()
+    time.sleep(seconds)
+    _, after = _processes()
+    used = sorted(((after[pid] - before.get(pid, 0.0), pid) for pid in after), reverse=True)[:top]
+    lines = []
+    for share, pid in used:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            command = "?"
+        lines.append(f"{100 * share / seconds:5.0f}%  {command[:110]}")
+    return lines
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of ``root`` and every process below it (from /proc)."""
+    parents, cpu = _processes()
     total, stack = 0.0, [root]
     children: dict[int, list[int]] = {}
     for pid, parent in parents.items():

@@ -1,7 +1,13 @@
-"""Results of a benchmark run and their Markdown rendering (the generated part of BENCHMARKS.md)."""
+"""Benchmark results, kept per workload as JSON, and their Markdown (the generated part of BENCHMARKS.md).
+
+Each run saves its workloads' results; BENCHMARKS.md is rendered from the latest saved result
+of every workload, so ``--only craft-x4`` refreshes CRAFT and keeps the classifier's section.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,17 +17,36 @@ from benchmarks.loadgen import LoadResult
 BEGIN, END = "<!-- bench:begin (written by python -m benchmarks.run) -->", "<!-- bench:end -->"
 
 
+@dataclass(frozen=True)
+class Point:
+    """One measured window of one server at one concurrency."""
+
+    throughput: float
+    p50_ms: float | None
+    p99_ms: float | None
+    errors: int
+    seconds: float
+    client_cpu_share: float
+    server_cpu_share: float | None
+
+    @classmethod
+    def of(cls, run: LoadResult) -> Point:
+        server = None if run.server_cpu_s is None else run.server_cpu_s / run.seconds
+        return cls(run.throughput, run.p50_ms, run.p99_ms, run.errors, run.seconds, run.client_cpu_share, server)
+
+
 @dataclass
 class WorkloadResults:
     name: str
     compiled: str
     compute_bound: bool
+    header: list[str] = field(default_factory=list)  # when, where and how it was measured
     limit: dict[str, dict[int, float]] = field(default_factory=dict)  # backend -> batch -> images/s
     pipeline_ms: dict[str, float] = field(default_factory=dict)  # backend -> one request in-process
     loads: dict[str, str] = field(default_factory=dict)  # backend -> how it loaded
     compile_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     starts: dict[str, dict] | None = None
-    runs: dict[str, dict[int, list[LoadResult]]] = field(default_factory=dict)  # system -> concurrency -> rounds
+    runs: dict[str, dict[int, list[Point]]] = field(default_factory=dict)  # system -> concurrency -> rounds
     ready_s: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     profiles: dict[str, str] = field(default_factory=dict)
@@ -38,6 +63,24 @@ class WorkloadResults:
     def p50(self, system: str, concurrency: int) -> float | None:
         runs = [r.p50_ms for r in self.runs.get(system, {}).get(concurrency, []) if r.p50_ms is not None]
         return statistics.median(runs) if runs else None
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> WorkloadResults:
+        data = json.loads(path.read_text())
+
+        def by_int(mapping: dict) -> dict:
+            return {int(k): v for k, v in mapping.items()}
+
+        data["limit"] = {b: by_int(v) for b, v in data["limit"].items()}
+        data["compile_ms"] = {b: by_int(v) for b, v in data["compile_ms"].items()}
+        data["adaptive"] = {s: by_int(v) for s, v in data["adaptive"].items()}
+        data["runs"] = {s: {int(c): [Point(**p) for p in points] for c, points in by_c.items()}
+                        for s, by_c in data["runs"].items()}
+        return cls(**data)
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -57,7 +100,7 @@ def _system_backend(system: str, compiled: str) -> str:
 
 
 def render_workload(w: WorkloadResults) -> list[str]:
-    lines = [f"### {w.name}", ""]
+    lines = [f"### {w.name}", "", *w.header, ""]
     lim_b, lim = w.best_limit(w.compiled)
     eager_b, eager_lim = w.best_limit("eager")
     lines += [f"In-process limit: **{_rate(lim)} images/s** ({w.compiled}, batch {lim_b}); "
@@ -73,7 +116,7 @@ def render_workload(w: WorkloadResults) -> list[str]:
         for concurrency, runs in sorted(by_c.items()):
             mid = sorted(runs, key=lambda r: r.throughput)[len(runs) // 2]
             overhead = (mid.p50_ms - w.pipeline_ms[backend]) if concurrency == 1 and mid.p50_ms else None
-            server_cpu = None if mid.server_cpu_s is None else 100 * mid.server_cpu_s / mid.seconds
+            server_cpu = None if mid.server_cpu_share is None else 100 * mid.server_cpu_share
             spread = "" if len(runs) < 2 else f" ({_rate(min(r.throughput for r in runs))}–{_rate(max(r.throughput for r in runs))})"
             lines.append(f"| {system} | {concurrency} | {_rate(mid.throughput)}{spread} | {_num(mid.p50_ms)} | "
                          f"{_num(mid.p99_ms)} | {sum(r.errors for r in runs)} | "
@@ -147,8 +190,9 @@ def targets(results: list[WorkloadResults]) -> list[str]:
     return out
 
 
-def render(results: list[WorkloadResults], header: list[str]) -> str:
-    lines = [BEGIN, "", *header, "", "## Targets", "", *targets(results), "", "## Results", ""]
+def render(results: list[WorkloadResults]) -> str:
+    lines = [BEGIN, "", "Each workload's section says when, on what and with which command it was measured.", "",
+             "## Targets", "", *targets(results), "", "## Results", ""]
     for w in results:
         lines += render_workload(w)
     return "\n".join(lines + [END])

@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 from benchmarks import inprocess, profile, report
-from benchmarks.loadgen import Target, closed_loop
-from benchmarks.report import WorkloadResults
+from benchmarks.loadgen import Target, busiest_now, closed_loop
+from benchmarks.report import Point, WorkloadResults
 from benchmarks.servers import build_servers
 from benchmarks.workloads import ROOT, Workload, workloads, write_repository
+from hybridserve.models.weights import cache_dir
 
 PEERS = ["fastapi", "litserve", "litserve-nobatch", "bentoml"]
 
@@ -43,15 +44,13 @@ def machine() -> list[str]:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
     model = fields.get("Model name", "?").strip()
-    busiest = subprocess.run(["ps", "-eo", "pcpu,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
-    others = [line.strip()[:110] for line in busiest.splitlines()[1:6]]
     return [f"Run on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}: {model}, {os.cpu_count()} CPUs "
             f"({fields.get('Thread(s) per core', '?').strip()} thread(s) per core), "
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python "
             f"{platform.python_version()}, torch {torch.__version__}. Load average at the start: "
             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}.",
-            "", "Busiest processes at the start (other work on the machine):", "",
-            *[f"    {line}" for line in others]]
+            "", "CPU use over 2 s at the start (other work on the machine; 100% = one core):", "",
+            *[f"    {line}" for line in busiest_now()]]
 
 
 def measure_inprocess(w: Workload, results: WorkloadResults, args: argparse.Namespace, folder: Path) -> None:
@@ -106,14 +105,13 @@ async def measure_servers(w: Workload, results: WorkloadResults, args: argparse.
             elif problem is not None:
                 results.failures[system.label] = problem
         seconds = w.seconds_per_point / (4 if args.quick else 1)
-        rounds = args.rounds or (1 if args.quick else w.rounds)
-        for round_index in range(rounds):
+        for round_index in range(args.rounds or (1 if args.quick else w.rounds)):
             shift = round_index % max(1, len(live))
             for system in live[shift:] + live[:shift]:
                 for concurrency in system.concurrencies or args.concurrency:
                     run = await closed_loop(system.target, concurrency, seconds,
                                             servers[system.server].process.pid)
-                    results.runs.setdefault(system.label, {}).setdefault(concurrency, []).append(run)
+                    results.runs.setdefault(system.label, {}).setdefault(concurrency, []).append(Point.of(run))
                     if "adaptive" in system.label:
                         results.adaptive.setdefault(system.label, {})[concurrency] = batching_info(system.target.url)
                     log(f"{w.name} round {round_index + 1} {system.label} c={concurrency}: "
@@ -168,29 +166,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", nargs="*", default=[], help="system labels to profile with py-spy at c=32")
     parser.add_argument("--ready-timeout", type=float, default=1800.0)
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--results", type=Path, default=cache_dir() / "bench",
+                        help="where each workload's latest results are kept (BENCHMARKS.md is rendered from them)")
     args = parser.parse_args(argv)
     if args.quick:
         args.cold_start = False
     torch.set_num_threads(1)
-    header = machine()
     chosen = workloads(args.only)
     if not chosen:
         sys.exit(f"no workload matches {args.only}")
     folder = Path(tempfile.mkdtemp(prefix="hybridserve-bench-"))
     log(f"working folder {folder}")
-    results = []
+    command = " ".join(sys.argv[1:] if argv is None else argv)
     for w in chosen:
-        result = WorkloadResults(w.name, w.compiled_backend, w.compute_bound)
+        rounds = args.rounds or (1 if args.quick else w.rounds)
+        batching = w.spec_for("eager").batching
+        header = machine() + ["", f"Command: `python -m benchmarks.run {command}`; {rounds} round(s) of "
+                                  f"{w.seconds_per_point / (4 if args.quick else 1):.0f} s windows. Every server "
+                                  f"batches with max_batch_size {batching.max_batch_size}, max_wait_ms "
+                                  f"{batching.max_wait_ms:g} (LitServe batch_timeout, BentoML max_batch_size)."]
+        result = WorkloadResults(w.name, w.compiled_backend, w.compute_bound, header)
         measure_inprocess(w, result, args, folder)
         if not args.no_servers:
             asyncio.run(measure_servers(w, result, args, folder / w.name))
-        results.append(result)
-    header += ["", f"Command: `python -m benchmarks.run {' '.join(sys.argv[1:] if argv is None else argv)}`; "
-               "rounds and measuring window per point: " + ", ".join(
-                   f"{w.name} {args.rounds or (1 if args.quick else w.rounds)} x {w.seconds_per_point / (4 if args.quick else 1):.0f} s"
-                   for w in chosen) + "."]
-    report.write(args.output, report.render(results, header))
-    log(f"wrote {args.output}")
+        result.header.append(f"Load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}.")
+        result.save(args.results / f"{w.name}.json")
+    saved = [args.results / f"{w.name}.json" for w in workloads()]
+    report.write(args.output, report.render([WorkloadResults.load(path) for path in saved if path.is_file()]))
+    log(f"wrote {args.output} from {', '.join(str(p) for p in saved if p.is_file())}")
     return 0
 
 

@@ -157,9 +157,12 @@ def test_restorer_contract_batches_and_range(name: str) -> None:
     with torch.no_grad():
         out = model(batch)
         single = model(batch[1:])
+    with torch.enable_grad():  # the training path of the window attention (explicit scores)
+        explicit = model(batch[1:])
     assert out.shape == (2, 3, tile * model.scale, tile * model.scale)
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     assert torch.allclose(out[1:], single, atol=1e-4)
+    assert torch.allclose(single, explicit, atol=1e-4)
 
 
 def test_quality_model_score_falls_with_distortion_strength() -> None:

@@ -15,7 +15,10 @@ Layout (after SwinIR, Liang et al. 2021, and HAT, Chen et al. 2023):
 
 Inputs are in [0, 1]; height and width must be multiples of ``pad_multiple`` (the window
 size), the server reflect-pads to that. Every shape is taken from ``x.shape`` and the shifted
-window mask is built with tensor ops, so the module traces with ``torch.export``.
+window mask is built with tensor ops, so the module traces with ``torch.export`` and compiles
+with ``torch.compile``. Window attention computes explicit scores when gradients are on
+(training) and calls the fused ``scaled_dot_product_attention`` kernel under ``no_grad``
+(serving); the two agree to float rounding.
 """
 
 from __future__ import annotations

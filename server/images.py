@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -67,14 +68,8 @@ def decode_image(data: bytes, color: str = "rgb", limits: ImageLimits | None = N
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"{field}: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct_error()) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
         raise UnprocessableImage(f"{field}: the image is corrupt or truncated ({exc})") from None
-
-
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error
 
 
 def _to_array(image: Image.Image, color: str) -> np.ndarray:

@@ -90,11 +90,13 @@ def busiest_now(seconds: float = 2.0, top: int = 5) -> list[str]:
     used = sorted(((after[pid] - before.get(pid, 0.0), pid) for pid in after), reverse=True)[:top]
     lines = []
     for share, pid in used:
+        if share < 0.01 * seconds:
+            break
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
-            command = "?"
-        lines.append(f"{100 * share / seconds:5.0f}%  {command[:110]}")
+            command = ""
+        lines.append(f"{100 * share / seconds:5.0f}%  {command[:110] or f'[pid {pid}]'}")
     return lines
 
 

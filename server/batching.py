@@ -2,8 +2,8 @@
 
 Items wait until ``max_batch_size`` are queued or the oldest has waited ``max_wait_ms``;
 when the queue is empty and the worker idle, a lone item runs at once (no fixed wait at
-concurrency 1). One batch computes at a time, in a worker thread, so the event loop keeps
-decoding and queueing the next batch meanwhile. Under Ray the deployment uses
+concurrency 1). One batch computes at a time, in the batcher's own thread, so the event loop
+keeps decoding and queueing the next batch meanwhile. Under Ray the deployment uses
 ``@serve.batch`` instead; both call the same ``run_batch``.
 
 With ``latency_slo_ms`` an ``AdaptiveBatchController`` re-chooses the batch size and wait
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hybridserve.server.adaptive import AdaptiveBatchController, BatchingChoice
@@ -29,6 +30,9 @@ class AsyncBatcher:
         self.controller = None if latency_slo_ms is None else AdaptiveBatchController(
             latency_slo_ms, max_batch_size, BatchingChoice(max_batch_size, max_wait_ms))
         self._queue: list[tuple[Any, asyncio.Future, float]] = []
+        # Batches run on their own thread: in the shared default executor they would queue
+        # behind every request's preprocess and postprocess hops (a tail-latency source).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -61,7 +65,8 @@ class AsyncBatcher:
                     continue
                 started = time.monotonic()
                 try:
-                    results = await asyncio.to_thread(self._run_batch, [e for e, _, _ in batch])
+                    results = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._run_batch, [e for e, _, _ in batch])
                 except Exception as exc:  # the whole batch failed: every caller sees it
                     for _, future, _ in batch:
                         if not future.done():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ class ModelDeployment:
         self.spec = spec
         self.runtime = ModelRuntime(spec, device)
         self.runtime.load()
+        # Batches get their own thread, not the default executor shared with every request's hops.
+        self._batch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
         batching = spec.batching
         # With a latency objective the controller re-chooses batch size and wait after every batch.
         self.adaptive = None if batching.latency_slo_ms is None else AdaptiveBatchController(
@@ -118,10 +121,11 @@ class ModelDeployment:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _submit(self, entries: list[Entry]) -> list[BatchOutput]:
+        loop = asyncio.get_running_loop()
         if self.adaptive is None:
-            return await asyncio.to_thread(self.runtime.run_batch, entries)
+            return await loop.run_in_executor(self._batch_thread, self.runtime.run_batch, entries)
         waiting, started = self.runtime.in_flight_items, time.monotonic()
-        outputs = await asyncio.to_thread(self.runtime.run_batch, entries)
+        outputs = await loop.run_in_executor(self._batch_thread, self.runtime.run_batch, entries)
         self._set_batching(self.adaptive.observe(len(entries), time.monotonic() - started,
                                                  [started - entry.enqueued for entry in entries], waiting))
         return outputs

@@ -77,9 +77,9 @@ class BatchRecorder(nn.Module):
         return image.sum((1, 2, 3)) * 2, other.flatten(1) - 1
 
 
-def tiny_spec(backend: str, **compile_args) -> ModelSpec:
+def tiny_spec(backend: str, model: type[nn.Module] = TinyNet, **compile_args) -> ModelSpec:
     return ModelSpec(
-        name="tiny", task="classification", architecture="python:tests.test_compile:TinyNet",
+        name="tiny", task="classification", architecture=f"python:tests.test_compile:{model.__name__}",
         preprocessing=Preprocessing(input_size=(8, 8), color="gray", mean=(0.5,), std=(0.5,)),
         labels=("a", "b", "c"), batching=Batching(max_batch_size=MAX_BATCH),
         compile=Compile(backend=backend, **compile_args),
@@ -92,7 +92,8 @@ def tiny_handler(backend: str, model: type[TinyNet] = TinyNet, **compile_args) -
     with torch.no_grad():  # non-trivial running statistics, so a wrong fold would show
         module.norm.running_mean.uniform_(-0.5, 0.5)
         module.norm.running_var.uniform_(0.5, 2.0)
-    return ClassificationHandler(tiny_spec(backend, **compile_args), LoadedModel(module, "python:tiny"), CPU)
+    spec = tiny_spec(backend, model, **compile_args)
+    return ClassificationHandler(spec, LoadedModel(module, spec.architecture), CPU)
 
 
 def assert_matches_eager(handler, served, sizes) -> None:
@@ -266,7 +267,7 @@ def test_tensorrt_on_cuda(compile_cache, precision):
     torch.manual_seed(0)
     module = TinyNet().eval().requires_grad_(False).to(cuda)
     spec = tiny_spec("tensorrt", precision=precision)
-    handler = ClassificationHandler(spec, LoadedModel(module, "python:tiny"), cuda)
+    handler = ClassificationHandler(spec, LoadedModel(module, spec.architecture), cuda)
     result = compile_model(handler, spec.compile, cuda)
     assert result.backend == "tensorrt" and result.cache == "miss" and result.module.dynamic
     item = torch.rand(1, 8, 8)

@@ -9,34 +9,23 @@ is cropped from the output.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybridserve_client.schemas import RestorationResult
+from hybridserve_client.results import RestoredImage as EncodedRestoredImage
 from hybridserve.server.handlers.base import Options, Output, Prepared, TaskHandler
 from hybridserve.server.images import encode_image
 
 
-@dataclass(frozen=True)
-class RestoredImage:
-    """A restored image, already encoded; ``to_schema`` gives the JSON form (base64)."""
+@dataclass(frozen=True, repr=False)
+class RestoredImage(EncodedRestoredImage):
+    """The client's ``RestoredImage`` (encoded bytes, ``to_schema``) plus the decoded pixels, which
+    the Open Inference Protocol returns as a UINT8 tensor without decoding the bytes again."""
 
-    model: str
-    width: int
-    height: int
-    format: str
-    data: bytes
     pixels: np.ndarray
-
-    def to_schema(self) -> RestorationResult:
-        return RestorationResult(
-            model=self.model, width=self.width, height=self.height, format=self.format,
-            image=base64.b64encode(self.data).decode("ascii"),
-        )
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:

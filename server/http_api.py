@@ -3,11 +3,13 @@
 Routes: ``POST /v1/models/{name}/{classify|detect|restore|assess}`` (raw image body, multipart
 field ``image`` [+ ``reference``], or JSON with base64), ``GET /v1/models[/{name}]``,
 ``GET /healthz`` and ``GET /readyz``. Every error leaves as ``{"error": {"code", "message"}}``
-with the status from the error table.
+with the status from the error table. A request whose client disconnects before its answer is
+cancelled (``CancelOnDisconnect``), which drops its items from the batch queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -21,6 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from hybridserve_client.schemas import (
     TASK_VERBS,
@@ -75,6 +78,61 @@ class HTTPSettings:
             default_timeout_s=float(os.environ.get("HYBRIDSERVE_REQUEST_TIMEOUT_S", cls.default_timeout_s)),
             cors_origins=tuple(o.strip() for o in os.environ.get("HYBRIDSERVE_CORS_ORIGINS", "").split(",") if o.strip()),
         )
+
+
+class CancelOnDisconnect:
+    """ASGI middleware: cancel a request's task when its client disconnects before the answer starts.
+
+    uvicorn never cancels an app on its own. Once the app has read the whole body, a watcher waits
+    on ``receive()``, which the server then answers only with ``http.disconnect`` (client gone, or
+    the response complete). A cancelled request leaves no answer, a 499 in the request log and
+    metrics, and no error; its queued items are dropped before compute (``ModelRuntime.infer``).
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        task = asyncio.current_task()
+        watcher: asyncio.Task | None = None
+        responding = client_gone = False
+
+        async def watch() -> dict:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not responding:
+                client_gone = True
+                task.cancel()
+            return message
+
+        async def receive_then_watch() -> dict:
+            nonlocal watcher
+            if watcher is not None:  # the app reads past its body: the next message is the watcher's
+                return await asyncio.shield(watcher)
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                watcher = asyncio.create_task(watch())
+            return message
+
+        async def send_noting_start(message: dict) -> None:
+            nonlocal responding
+            responding = responding or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive_then_watch, send_noting_start)
+        except asyncio.CancelledError:
+            metrics.request_cancelled()
+            if client_gone and task.uncancel() == 0:  # only this watcher cancelled it: nothing more to do
+                log.debug("client disconnected before the answer: request cancelled")
+                return
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
 
 def error_response(exc: HybridServeError, request_id: str | None = None) -> JSONResponse:
@@ -144,11 +202,14 @@ async def parse_inference(request: Request, query: Options, settings: HTTPSettin
 
 
 async def _parse_multipart(request: Request, query: Options, settings: HTTPSettings) -> InferenceRequest:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {settings.max_body_bytes} bytes")
+    body = await read_body(request, settings.max_body_bytes)  # the limit holds for chunked bodies too
+
+    async def replay_body() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        form = await request.form(max_files=2, max_fields=8, max_part_size=settings.max_body_bytes)
+        form = await Request(request.scope, replay_body).form(max_files=2, max_fields=8,
+                                                              max_part_size=settings.max_body_bytes)
     except Exception as exc:  # malformed multipart
         raise InvalidInput(f"multipart body could not be parsed: {getattr(exc, 'detail', exc)}") from None
     files = {}
@@ -202,6 +263,7 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
         redoc_url=None,
     )
     app.state.plane = plane
+    app.add_middleware(CancelOnDisconnect)  # innermost: the request id is still bound when it logs the 499
     policy = AuthPolicy.from_env()
     if policy.enabled:
         app.add_middleware(AuthMiddleware, policy=policy)
@@ -244,6 +306,9 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
             timeout = _timeout(request, settings)
             parsed = await parse_inference(request, query, settings)
             outcome = await plane.infer(name, verb, parsed, timeout)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            seen.cancelled()
+            return Response(status_code=metrics.CLIENT_CLOSED_REQUEST)
         except Exception as exc:  # every failure leaves through the error table
             return error_response(seen.failed(exc), request_id if settings.echo_request_id else None)
         timing = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in outcome.timings.items())

@@ -50,6 +50,7 @@ MODEL_STATES = ("compiling", "warming_up", "ready", "failed")
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0, 128.0, 256.0)
 KUBERAY_METRICS_PORT = 8080
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client disconnected; no answer is sent
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ POSTPROCESS_SECONDS = _histogram("hybridserve_postprocess_seconds", "Postprocess
 BATCH_SIZE = _histogram("hybridserve_batch_size", "Items in one executed batch", M, BATCH_SIZE_BUCKETS)
 BATCHES = Family("hybridserve_batches", "counter", "Batches executed", M)
 QUEUED_ITEMS = Family("hybridserve_queued_items", "gauge", "Items admitted to the batch queue and not finished", M)
+CANCELLED_ITEMS = Family("hybridserve_cancelled_items", "counter", "Items dropped from the batch queue before "
+                         "compute because their request was cancelled (client disconnected, or deadline passed)", M)
 PIXELS = Family("hybridserve_pixels_processed", "counter", "Pixels of the model inputs (per item, after resize "
                 "or tiling) of finished requests", M)
 LOAD_SECONDS = Family("hybridserve_model_load_seconds", "gauge", "Time the last load took (build, compile, warm-up)", M)
@@ -104,8 +107,9 @@ GPU_RESERVED = Family("hybridserve_gpu_memory_reserved_bytes", "gauge", "CUDA me
                       "allocator on the model's device", ("model", "device"))
 FAMILIES: tuple[Family, ...] = (
     REQUESTS, REQUEST_SECONDS, IN_FLIGHT, REQUEST_BYTES, RESPONSE_BYTES, QUEUE_SECONDS, PREPROCESS_SECONDS,
-    COMPUTE_SECONDS, POSTPROCESS_SECONDS, BATCH_SIZE, BATCHES, QUEUED_ITEMS, PIXELS, LOAD_SECONDS, COMPILE_SECONDS,
-    WARMUP_SECONDS, MODEL_INFO, LATENCY_OBJECTIVE, MODEL_READY, MODEL_STATE, GPU_ALLOCATED, GPU_RESERVED,
+    COMPUTE_SECONDS, POSTPROCESS_SECONDS, BATCH_SIZE, BATCHES, QUEUED_ITEMS, CANCELLED_ITEMS, PIXELS, LOAD_SECONDS,
+    COMPILE_SECONDS, WARMUP_SECONDS, MODEL_INFO, LATENCY_OBJECTIVE, MODEL_READY, MODEL_STATE, GPU_ALLOCATED,
+    GPU_RESERVED,
 )
 _VERBS = {"counter": "inc", "gauge": "set", "histogram": "observe"}
 
@@ -128,6 +132,9 @@ class PrometheusClientBackend:
 
     def record(self, family: Family, value: float, labels: dict[str, str]) -> None:
         getattr(self.metrics[family.name].labels(**labels), _VERBS[family.kind])(value)
+
+    def declare(self, family: Family, labels: dict[str, str]) -> None:
+        self.metrics[family.name].labels(**labels)
 
     def exposition(self) -> tuple[bytes, str]:
         import prometheus_client as pc
@@ -165,6 +172,10 @@ class RayServeBackend:
         if family.kind == "gauge":
             with self._gauges_lock:
                 self._gauges[(family.name, *sorted(labels.items()))] = (family, value, labels)
+
+    def declare(self, family: Family, labels: dict[str, str]) -> None:
+        # Ray's public ``inc`` refuses 0; its ``_record`` adds 0 to the series with the replica's tags.
+        self.metrics[family.name]._record(0.0, tags=labels)
 
     def _refresh_gauges(self) -> None:
         while True:
@@ -216,6 +227,14 @@ def _record(family: Family, value: float, **labels: str) -> None:
         if family.name not in _failing:
             _failing.add(family.name)
             log.exception("recording %s failed (further failures of it are not logged)", family.name)
+
+
+def _declare(family: Family, **labels: str) -> None:
+    """Export a counter series at 0 before its first event, so it exists for ``rate()`` and alerts."""
+    try:
+        backend().declare(family, labels)
+    except Exception:
+        log.exception("declaring %s failed", family.name)
 
 
 def metrics_response() -> Response:
@@ -285,6 +304,10 @@ class RequestObservation:
         self._finish(error.code, error.kind.http_status, 0, error.message)
         return error
 
+    def cancelled(self) -> None:
+        """Record a request whose client went away before its answer: status 499 (nginx's client closed request)."""
+        self._finish("cancelled", CLIENT_CLOSED_REQUEST, 0)
+
     def _finish(self, outcome: str, status: int, bytes_out: int, message: str | None = None) -> None:
         if self._finished:
             return
@@ -326,6 +349,13 @@ def observe_request(api: str, model: str, served: Any, request_id: str | None,
     """Start observing a request for ``model``; ``served`` is what knows the model names (a plane's endpoints)."""
     size = int(bytes_in) if isinstance(bytes_in, int) or (isinstance(bytes_in, str) and bytes_in.isdigit()) else 0
     return RequestObservation(api, model, model in served, request_id, size)
+
+
+def request_cancelled() -> None:
+    """Record the request observed in this task, if it is still open, as cancelled (its client went away)."""
+    observation = _current.get()
+    if observation is not None:
+        observation.cancelled()
 
 
 def observe_rpc(api: str | None, served: Any, request: Any, context: Any) -> RequestObservation | Unobserved:
@@ -383,6 +413,7 @@ def model_loaded(runtime: ModelRuntime) -> None:
     _set_state(spec.name, "ready" if ready else "failed")
     _record(MODEL_READY, 1.0 if ready else 0.0, model=spec.name)
     _record(LOAD_SECONDS, runtime.load_seconds or 0.0, model=spec.name)
+    _declare(CANCELLED_ITEMS, model=spec.name)
     _record(MODEL_INFO, 1.0, model=spec.name, task=spec.task, architecture=spec.architecture,
             backend=runtime.backend or "none", device=str(runtime.device))
     if spec.batching.latency_slo_ms is not None:
@@ -403,6 +434,10 @@ def gpu_memory(model: str, device: torch.device) -> None:
 
 def queued_items(model: str, count: int) -> None:
     _record(QUEUED_ITEMS, float(count), model=model)
+
+
+def items_cancelled(model: str, count: int) -> None:
+    _record(CANCELLED_ITEMS, float(count), model=model)
 
 
 def batch_done(model: str, queue_waits: Sequence[float], compute_s: float, device: torch.device) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,15 +26,25 @@ from hybridserve.server.handlers import InferenceRequest, TaskHandler, handler_f
 from hybridserve.server.spec import ModelSpec
 
 log = logging.getLogger("hybridserve.runtime")
+_entry_states = threading.Lock()  # the batch thread and the event loop both move entries on
 
 
 @dataclass
 class Entry:
-    """One batch item on its way through the queue."""
+    """One batch item on its way through the queue: ``queued``, then ``computing`` or ``cancelled``."""
 
     item: Any
     deadline: float | None
     enqueued: float = field(default_factory=time.monotonic)
+    state: str = "queued"
+
+    def leave_queue(self, state: str) -> bool:
+        """Move a queued entry to ``state``; False if it had left the queue already (the other side won)."""
+        with _entry_states:
+            if self.state != "queued":
+                return False
+            self.state = state
+            return True
 
 
 @dataclass
@@ -122,9 +133,11 @@ class ModelRuntime:
     # ------------------------------------------------------------ serving
 
     def run_batch(self, entries: Sequence[Entry]) -> list[BatchOutput]:
-        """The batched step: drop expired items, run one forward, hand each item its output."""
+        """The batched step: drop expired and cancelled items, run one forward, hand each item its output."""
         now = time.monotonic()
-        live = [i for i, e in enumerate(entries) if e.deadline is None or e.deadline > now]
+        live = [i for i, e in enumerate(entries)
+                if (e.deadline is None or e.deadline > now) and e.leave_queue("computing")]
+        # Expired items get the error; cancelled ones get it too, but nobody waits for their answer.
         results = [BatchOutput(error=DeadlineExceeded("deadline expired while queued")) for _ in entries]
         if not live:
             return results
@@ -165,8 +178,12 @@ class ModelRuntime:
             )
         self.in_flight_items += count
         metrics.queued_items(self.spec.name, self.in_flight_items)
+        entries = [Entry(item, deadline) for item in prepared.items]
         try:
-            outs = await asyncio.gather(*(submit(Entry(item, deadline)) for item in prepared.items))
+            outs = await asyncio.gather(*(submit(entry) for entry in entries))
+        except asyncio.CancelledError:  # the client went away, or the deadline passed (the data plane's timeout)
+            self._drop_cancelled(entries)
+            raise
         finally:
             self.in_flight_items -= count
             metrics.queued_items(self.spec.name, self.in_flight_items)
@@ -189,3 +206,10 @@ class ModelRuntime:
         )
         metrics.inference_done(self.spec.name, prepared.items, outcome.timings)
         return outcome
+
+    def _drop_cancelled(self, entries: Sequence[Entry]) -> None:
+        """Take a cancelled request's items out of the batch queue; those in a running batch finish unused."""
+        dropped = sum(entry.leave_queue("cancelled") for entry in entries)
+        metrics.items_cancelled(self.spec.name, dropped)
+        log.debug("model %s: request cancelled, %d of its %d items dropped before compute",
+                  self.spec.name, dropped, len(entries))

@@ -1,7 +1,8 @@
 """Server processes under test: how each is started, when it is ready, where requests go.
 
-Every server runs in its own process group, started here and stopped here (SIGTERM, then
-SIGKILL of that group only). Torch threads are pinned to one per model worker everywhere.
+Every server runs in its own process group, started here and stopped here (SIGTERM to the
+server, then SIGKILL of its group only). hybridserve runs on Ray in both layouts (a deployment
+per model, and ``--layout combined``) and without Ray. Torch threads are pinned to one per model worker everywhere.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ class ServerProcess:
         if self.process is None or self.process.poll() is not None:
             return
         group = os.getpgid(self.process.pid)
-        os.killpg(group, signal.SIGTERM)
+        # The server itself first: hybridserve's Ray server then shuts Serve down (HAProxy included)
+        # while Ray still runs; a SIGTERM to the whole group would kill Ray under it.
+        self.process.terminate()
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pass
         try:
@@ -116,13 +119,17 @@ def build_servers(workload: Workload, repositories: dict[str, Path], eager_spec:
     batching = workload.spec.get("batching", {})
     max_batch, wait_ms = str(batching.get("max_batch_size", 8)), str(batching.get("max_wait_ms", 5.0))
     compiled = workload.compiled_backend
-    ports = {name: free_port() for name in ("ray", "noray", "fastapi", "litserve", "litserve-nobatch", "bentoml")}
+    ports = {name: free_port() for name in ("ray", "ray-combined", "noray", "fastapi", "litserve", "litserve-nobatch", "bentoml")}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    hybridserve = [python, "-m", "hybridserve.server.cli", "serve", "--repository", str(repositories["ray"]),
-                   "--host", "127.0.0.1", "--port", str(ports["ray"]), "--grpc-port", str(free_port())]
+    def hybridserve(name: str, *extra: str) -> list[str]:
+        return [python, "-m", "hybridserve.server.cli", "serve", "--repository", str(repositories["ray"]),
+                "--host", "127.0.0.1", "--port", str(ports[name]), "--grpc-port", str(free_port()), *extra]
+
     peer = [python, "-m", "benchmarks.peers"]
     servers = {
-        "ray": ServerProcess("ray", hybridserve, url["ray"] + "/readyz", logs / "ray.log"),
+        "ray": ServerProcess("ray", hybridserve("ray"), url["ray"] + "/readyz", logs / "ray.log"),
+        "ray-combined": ServerProcess("ray-combined", hybridserve("ray-combined", "--layout", "combined"),
+                                      url["ray-combined"] + "/readyz", logs / "ray-combined.log"),
         "noray": ServerProcess("noray", peer + ["noray", "--spec", str(repositories["noray"]), "--port",
                                          str(ports["noray"])], url["noray"] + "/readyz", logs / "noray.log"),
         "fastapi": ServerProcess("fastapi", peer + ["fastapi", "--spec", str(eager_spec), "--port", str(ports["fastapi"])],
@@ -145,6 +152,10 @@ def build_servers(workload: Workload, repositories: dict[str, Path], eager_spec:
     systems = [
         System(f"hybridserve Ray ({compiled})", "ray", hybridserve_target(url["ray"], workload, compiled)),
         System("hybridserve Ray (eager)", "ray", hybridserve_target(url["ray"], workload, "eager")),
+        System(f"hybridserve Ray combined ({compiled})", "ray-combined",
+               hybridserve_target(url["ray-combined"], workload, compiled)),
+        System("hybridserve Ray combined (eager)", "ray-combined",
+               hybridserve_target(url["ray-combined"], workload, "eager")),
         System(f"hybridserve no-ray ({compiled})", "noray", hybridserve_target(url["noray"], workload, compiled)),
         System("hybridserve no-ray (eager)", "noray", hybridserve_target(url["noray"], workload, "eager")),
         System(f"hybridserve no-ray ({compiled}), batch 1", "noray",
@@ -161,7 +172,7 @@ def build_servers(workload: Workload, repositories: dict[str, Path], eager_spec:
     if not workload.batching_gain:
         systems = [s for s in systems if s.concurrencies != at_32]
         peers = [p for p in peers if p != "litserve-nobatch"]
-    wanted = {"ray", "noray", *peers}
+    wanted = {"ray", "ray-combined", "noray", *peers}
     if not BENTOML_TOOLS.is_dir():
         wanted.discard("bentoml")
     return ({k: v for k, v in servers.items() if k in wanted},

@@ -14,6 +14,8 @@ from hybridserve.server.deploy_render import add_deploy_parser
 from hybridserve.server.logs import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging
 from hybridserve.server.spec import SpecError, builtin_repository, load_repository, load_spec
 
+LAYOUTS = ("deployments", "combined")  # ray_app.Layout, without importing Ray here
+
 
 def _repository(value: str | None) -> Path:
     return Path(value).resolve() if value else builtin_repository()
@@ -58,7 +60,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from hybridserve.server.ray_app import serve_config
 
     config = serve_config(str(_repository(args.repository)), http_port=args.port, grpc_port=args.grpc_port,
-                          device=args.device, grpc_servicer_functions=grpc_servicers())
+                          device=args.device, grpc_servicer_functions=grpc_servicers(), layout=args.layout)
     print(yaml.safe_dump(config, sort_keys=False))
     return 0
 
@@ -102,11 +104,13 @@ def _serve_local(specs, args: argparse.Namespace) -> int:
 
 def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    from ray import serve
-
     from hybridserve.server import metrics
     from hybridserve.server.ray_app import APP_NAME, AppArgs, app
+
+    if not args.address:  # a local cluster's processes inherit this environment (a remote one has its own)
+        os.environ.update(local_serve_env())
+    import ray
+    from ray import serve
 
     # A local cluster gets enough logical CPUs for every replica; torch threads follow each spec.
     wanted = sum(spec.device.cpus * (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas)
@@ -120,7 +124,8 @@ def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
         grpc_options={"port": args.grpc_port, "grpc_servicer_functions": grpc_servicers()},
     )
     print(f"Loading {len(specs)} model(s) on Ray Serve ...", flush=True)
-    serve.run(app(AppArgs(repository=repository, device=args.device)), name=APP_NAME, route_prefix="/")
+    serve.run(app(AppArgs(repository=repository, device=args.device, layout=args.layout)), name=APP_NAME,
+              route_prefix="/")
     _banner(args, specs, grpc=bool(grpc_servicers()), metrics_targets=metrics.ray_metrics_targets())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -131,6 +136,20 @@ def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
     print("Shutting down (draining in-flight requests) ...", flush=True)
     serve.shutdown()
     return 0
+
+
+def local_serve_env() -> dict[str, str]:
+    """What a local cluster adds to its environment for HAProxy ingress (variables already set win);
+    HAProxy's stats and metrics ports move to free ones where taken."""
+    from hybridserve.server.metrics import metrics_export_port
+    from hybridserve.server.ray_app import serve_env
+
+    env = {key: value for key, value in serve_env().items() if key not in os.environ}
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", env.get("RAY_SERVE_ENABLE_HA_PROXY")) == "1":
+        for key, port in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
+            if key not in os.environ:
+                env[key] = str(metrics_export_port(port))
+    return env
 
 
 def grpc_servicers() -> list[str]:
@@ -154,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--device", choices=["cpu", "cuda"], help="override every spec's device")
     serve_p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     serve_p.add_argument("--no-ray", action="store_true", help="serve in this process without Ray (HTTP only)")
+    serve_p.add_argument("--layout", choices=LAYOUTS, default="deployments",
+                         help="Ray: a deployment per model behind the gateway, or every model in the gateway "
+                              "(combined: no hop, for small models; docs/performance.md)")
     serve_p.add_argument("--verbose", action="store_true")
     serve_p.add_argument("--log-format", choices=LOG_FORMATS, help=f"log lines as text or JSON (default: ${LOG_FORMAT_ENV} or text)")
     serve_p.add_argument("--metrics-export-port", type=int, default=8080,
@@ -175,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_p.add_argument("--port", type=int, default=8000)
     config_p.add_argument("--grpc-port", type=int, default=9000)
     config_p.add_argument("--device", choices=["cpu", "cuda"])
+    config_p.add_argument("--layout", choices=LAYOUTS, default="deployments")
     config_p.set_defaults(func=cmd_config)
 
     add_deploy_parser(sub)

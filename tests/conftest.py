@@ -102,15 +102,22 @@ def server(test_repository) -> Server:
     import ray
     from ray import serve
 
-    from hybridserve.server.cli import grpc_servicers
+    from hybridserve.server.cli import grpc_servicers, local_serve_env
     from hybridserve.server.ray_app import APP_NAME, AppArgs, app
     from hybridserve.server.spec import load_repository
 
     specs = {spec.name: spec for spec in load_repository(test_repository)}
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    ray.init(num_cpus=len(specs) + 2, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    # The ingress `hybridserve serve` runs (HAProxy where a binary exists), for this cluster's processes only.
+    added = local_serve_env()
+    os.environ.update(added)
+    try:
+        ray.init(num_cpus=len(specs) + 2, include_dashboard=False, log_to_driver=False,
+                 _metrics_export_port=metrics_port,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    finally:
+        for key in added:
+            del os.environ[key]
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": grpc_servicers()})
     serve.run(app(AppArgs(repository=str(test_repository))), name=APP_NAME, route_prefix="/")

@@ -27,7 +27,7 @@ from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDepl
 
 from hybridserve.server import deploy_render
 from hybridserve.server.cli import build_parser, main
-from hybridserve.server.ray_app import AppArgs
+from hybridserve.server.ray_app import HAPROXY_ENV, AppArgs, serve_config
 from hybridserve.server.spec import builtin_repository, load_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,7 +185,7 @@ def test_builtin_render_serves_every_model_from_its_spec(tmp_path):
     app = config["applications"][0]
     specs = load_repository(builtin_repository())
     assert app["import_path"] == "hybridserve.server.ray_app:app"
-    assert app["args"] == {"repository": deploy_render.MODEL_ROOT}
+    assert app["args"] == {"repository": deploy_render.MODEL_ROOT, "layout": "deployments"}
     assert {d["name"] for d in app["deployments"]} == {f"model-{s.name}" for s in specs}
     assert config["http_options"]["port"] == 8000 and config["grpc_options"]["port"] == 9000
     cluster = rayservice["spec"]["rayClusterConfig"]
@@ -202,6 +202,9 @@ def test_builtin_render_serves_every_model_from_its_spec(tmp_path):
     assert {(p["name"], p["port"]) for p in rayservice["spec"]["serveService"]["spec"]["ports"]} == {
         ("serve", 8000), ("grpc", 9000)}
     assert by_kind["Service"]["spec"]["ports"][0]["port"] == 8080
+    for group in (cluster["headGroupSpec"], cpu):  # every Ray process reads it: HAProxy ingress on every node
+        env = {e["name"]: e["value"] for e in _container(group)["env"]}
+        assert env.items() >= HAPROXY_ENV.items(), env
     assert by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]["ray.io/node-type"] == "worker"
 
 
@@ -249,6 +252,28 @@ def test_gpu_render_with_autoscaling_specs_and_a_models_claim(tmp_path):
         claims = {v["persistentVolumeClaim"]["claimName"] for v in group["template"]["spec"]["volumes"]
                   if "persistentVolumeClaim" in v}
         assert claims == {"my-models", by_kind["PersistentVolumeClaim"]["metadata"]["name"]}
+
+
+def test_combined_layout_config_is_one_gateway_with_every_models_resources(tmp_path):
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    for name, device, scaling in (("psnr", {"cpus": 2, "resources": {"fast_disk": 1}}, None),
+                                  ("ssim", {"cpus": 1, "resources": {"fast_disk": 0.5}},
+                                   {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 4})):
+        data = {**yaml.safe_load((builtin_repository() / f"{name}.yaml").read_text()), "device": device}
+        if scaling:
+            data["autoscaling"] = scaling
+        (repository / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    config = serve_config(str(repository), layout="combined")
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert AppArgs.model_validate(app["args"]).layout == "combined"
+    (gateway,) = app["deployments"]
+    assert gateway["name"] == "Gateway"
+    assert gateway["ray_actor_options"] == {"num_cpus": 3, "resources": {"fast_disk": 1.5}}
+    # One replica holds both models: it scales between the largest minimum and maximum any spec asks for.
+    assert gateway["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 4}
+    assert "user_config" not in gateway  # batching comes from the specs
 
 
 def test_render_warns_about_custom_resources_no_group_offers(tmp_path, capsys):

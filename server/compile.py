@@ -15,7 +15,6 @@ docs/performance.md has the details.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -26,7 +25,6 @@ import os
 import platform
 import shutil
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 from hybridserve.models.weights import cache_dir
+from hybridserve.server.aot import load_package, probe_package
 from hybridserve.server.handlers.base import InferenceRequest, Item, TaskHandler
 from hybridserve.server.spec import Compile
 
@@ -303,83 +302,13 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], max_batch: int
     return torch.export.export(module, example, strict=False)
 
 
-class GilFreeAOTProgram:
-    """An AOTInductor package's model called through its C ABI with ctypes, on CPU.
-
-    The package loader's Python binding holds the GIL for the whole run (399 of 400 py-spy
-    ``--gil`` samples in a model thread), which stalls a server's event loop during every batch;
-    a ``ctypes.CDLL`` call releases it (2 of 400). Same library, same kernels, same outputs.
-    """
-
-    def __init__(self, package: Path, loader: Any):
-        with zipfile.ZipFile(package) as archive:
-            libraries = [n for n in archive.namelist() if n.endswith(".so") and "/data/aotinductor/" in n]
-            if len(libraries) != 1:
-                raise RuntimeError(f"expected one model library in {package.name}, found {len(libraries)}")
-            target = package.with_suffix(".so")
-            if not target.is_file():
-                target.write_bytes(archive.read(libraries[0]))
-        self._lib = ctypes.CDLL(str(target))
-        self._handle = ctypes.c_void_p()
-        self._check(self._lib.AOTInductorModelContainerCreateWithDevice(
-            ctypes.byref(self._handle), ctypes.c_size_t(1), b"cpu", None))
-        outputs = ctypes.c_size_t()
-        self._check(self._lib.AOTInductorModelContainerGetNumOutputs(self._handle, ctypes.byref(outputs)))
-        self._outputs = outputs.value
-        self._out_spec = torch.utils._pytree.treespec_loads(loader.loader.get_call_spec()[1])
-
-    @staticmethod
-    def _check(code: int) -> None:
-        if code != 0:
-            raise RuntimeError(f"AOTInductor runtime error {code}")
-
-    def __call__(self, *inputs: torch.Tensor) -> Any:
-        # Input handles are stolen by the run; output handles are ours to steal back.
-        capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([t.contiguous() for t in inputs])
-        handles = (ctypes.c_void_p * len(capsules))(*(_CAPSULE_POINTER(c, None) for c in capsules))
-        results = (ctypes.c_void_p * self._outputs)()
-        self._check(self._lib.AOTInductorModelContainerRun(self._handle, handles, ctypes.c_size_t(len(capsules)),
-                                                           results, ctypes.c_size_t(self._outputs), None, None))
-        tensors = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
-            [_CAPSULE_NEW(results[i], None, None) for i in range(self._outputs)])
-        return torch.utils._pytree.tree_unflatten(tensors, self._out_spec)
-
-    def __del__(self) -> None:
-        if getattr(self, "_handle", None):
-            self._lib.AOTInductorModelContainerDelete(self._handle)
-
-
-_CAPSULE_POINTER = ctypes.pythonapi.PyCapsule_GetPointer
-_CAPSULE_POINTER.restype, _CAPSULE_POINTER.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-_CAPSULE_NEW = ctypes.pythonapi.PyCapsule_New
-_CAPSULE_NEW.restype, _CAPSULE_NEW.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-
-
-def _load_aot(package: Path, example: tuple[torch.Tensor, ...]) -> Program:
-    """The package's model, GIL-free on CPU where the ctypes path gives the loader's exact outputs."""
-    from torch._inductor import aoti_load_package
-
-    loader = aoti_load_package(str(package))
-    if example[0].device.type != "cpu":
-        return loader
-    try:
-        program = GilFreeAOTProgram(package, loader)
-        with torch.inference_mode():
-            if max_relative_error(loader(*example), program(*example)) <= 1e-6:
-                return program
-        log.warning("%s: the ctypes call differs from the package loader; using the loader", package.name)
-    except (OSError, RuntimeError, AttributeError) as exc:
-        log.warning("%s: ctypes call unavailable (%s); using the package loader", package.name, exc)
-    return loader
-
-
 def _build_aot(module, examples, max_batch, buckets, folder, meta):
     """AOTInductor ``.pt2`` packages: one dynamic-batch package, else one per bucket."""
     from torch._inductor import aoti_compile_and_package
 
     if meta is not None:
         return {(None if key == "dynamic" else int(key)):
-                _load_aot(folder / name, examples(min(2, max_batch) if key == "dynamic" else int(key)))
+                load_package(folder / name, examples(min(2, max_batch) if key == "dynamic" else int(key)))
                 for key, name in meta["files"].items()}, meta["files"]
     files: dict[str, str] = {}
     if buckets is None:
@@ -393,6 +322,8 @@ def _build_aot(module, examples, max_batch, buckets, folder, meta):
     for size in buckets or ():
         program = _export(module, examples(size), max_batch, size)
         files[str(size)] = Path(aoti_compile_and_package(program, package_path=str(folder / f"b{size}.pt2"))).name
+    for key, name in files.items():  # a loader that crashes fails this backend, not the server
+        probe_package(folder / name, examples(min(2, max_batch) if key == "dynamic" else int(key)))
     return _build_aot(module, examples, max_batch, buckets, folder, {"files": files})
 
 

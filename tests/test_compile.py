@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridserve.models import LoadedModel
+from hybridserve.server.aot import GilFreeAOTProgram, probe_package
 from hybridserve.server.compile import (
-    BatchRunner, CompileMismatch, GilFreeAOTProgram, artifact_key, check_against_eager, compile_model, default_buckets,
+    BatchRunner, CompileMismatch, artifact_key, check_against_eager, compile_model, default_buckets,
     example_batch, max_relative_error,
 )
 from hybridserve.server.handlers import ClassificationHandler
@@ -276,3 +277,11 @@ def test_tensorrt_on_cuda(compile_cache, precision):
         with torch.inference_mode():
             error = max_relative_error(handler.module(*batch), result.module(*batch))
         assert error <= (1e-3 if precision == "fp32" else 1e-2)
+
+
+def test_a_package_that_cannot_load_fails_its_probe_in_a_child_process(tmp_path):
+    """The probe that keeps a crashing AOTInductor loader out of the server reports a failed child."""
+    broken = tmp_path / "broken.pt2"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(RuntimeError, match=r"broken.pt2: loading it in a child process failed \(exit status 1\)"):
+        probe_package(broken, (torch.rand(2, 1, 8, 8),))

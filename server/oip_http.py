@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from hybridserve.server import metrics, oip
 from hybridserve.server.dataplane import DataPlane
@@ -204,6 +205,9 @@ def oip_router(plane: DataPlane, settings: HTTPSettings | None = None) -> APIRou
             header, binary = _split_body(request, await read_body(request, settings.max_body_bytes))
             call, binary_outputs = parse_infer_request(name, version, header, binary)
             answer = await oip.infer(plane, call, settings.default_timeout_s)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            seen.cancelled()
+            return Response(status_code=metrics.CLIENT_CLOSED_REQUEST)
         except Exception as exc:
             seen.failed(exc)
             raise

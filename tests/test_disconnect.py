@@ -103,6 +103,26 @@ def test_disconnected_clients_queued_items_are_never_computed(tally):
     assert " ERROR " not in log and "Traceback" not in log and "status=500" not in log, log[-3000:]
 
 
+@pytest.mark.parametrize("api,path,content_type", [
+    ("http", "/v1/models/tally/classify", "image/png"),
+    ("oip", "/v2/models/tally/infer", "application/json"),
+])
+def test_a_client_that_leaves_while_uploading_is_recorded_as_499_not_an_error(tally, api, path, content_type):
+    server, _ = tally
+    gone_before = metric(server, "hybridserve_requests_total", api=api, model="tally", outcome="cancelled")
+    address = httpx.URL(server.url)
+    with socket.create_connection((address.host, address.port)) as connection:
+        connection.sendall((f"POST {path} HTTP/1.1\r\nHost: {address.host}\r\nContent-Type: {content_type}\r\n"
+                            f"Content-Length: 100000\r\nX-Request-ID: upload-{api}\r\n\r\n").encode() + b"{" * 100)
+        time.sleep(0.5)  # the server is reading the body when the client goes
+    deadline = time.monotonic() + 30
+    while metric(server, "hybridserve_requests_total", api=api, model="tally", outcome="cancelled") == gone_before:
+        assert time.monotonic() < deadline, "the abandoned upload was never recorded"
+        time.sleep(0.1)
+    assert metric(server, "hybridserve_requests_in_flight", api=api, model="tally") == 0
+    assert not [line for line in server.output if f"[upload-{api}]" in line and "status=500" in line]
+
+
 # ------------------------------------------------------------------ under Ray Serve (the session's server)
 
 

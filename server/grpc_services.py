@@ -11,6 +11,7 @@ A request may carry the metadata ``x-request-timeout`` (seconds), like the HTTP 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from typing import Any
@@ -78,6 +79,9 @@ def _rpc(response_type: type, api: str | None = None):
                 if AUTH.enabled and method.__name__ not in OPEN_RPCS:
                     AUTH.check(grpc_context.invocation_metadata() if grpc_context is not None else [])
                 return seen.answered(await method(self, request, grpc_context))
+            except asyncio.CancelledError:  # the client cancelled, or its deadline passed: nobody to answer
+                seen.cancelled()
+                raise
             except Exception as exc:
                 report_error(grpc_context, exc)
                 seen.failed(exc)

@@ -375,6 +375,9 @@ class Unobserved:
     def failed(self, exc: BaseException) -> HybridServeError:
         return as_hybridserve_error(exc)
 
+    def cancelled(self) -> None:
+        pass
+
 
 def _add_trailer(context: Any, key: str, value: str) -> None:
     """Add one trailing metadata entry to what the call already set (Ray Serve keeps its ``request_id``)."""

@@ -169,3 +169,42 @@ def test_under_ray_a_disconnected_request_is_cancelled_in_its_model_replica(serv
     # the leaver's item was dropped in the model replica, and the gateway counted a 499.
     assert batches == single == 1 and cancelled_items == 1 and left == 1 and answered == 1, seen
     assert post(small).status_code == 200
+
+
+# ------------------------------------------------------------------ gRPC: the servicer, in this process
+
+
+def test_a_cancelled_grpc_call_is_recorded_as_499_and_leaves_nothing_in_flight(tmp_path):
+    """A gRPC client that cancels (or whose deadline passes) cancels the servicer's coroutine."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from hybridserve.server import metrics
+    from hybridserve.server.grpc_services import TaskServicerMixin, v1
+    from hybridserve.server.local import local_plane
+    from hybridserve.server.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path, "grpc-slow", task="classification",
+                                architecture=f"python:{FIXTURES / 'slow_model.py'}:SlowClassifier",
+                                architecture_args={"delay_s": 2.0}, preprocessing={"input_size": [16, 16]},
+                                labels=["a", "b"]))
+    servicer = TaskServicerMixin()
+    servicer.plane = local_plane([spec])
+
+    def sample(name: str, **labels: str) -> float:
+        text = metrics.backend().exposition()[0].decode()
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    async def scenario() -> None:
+        call = asyncio.create_task(servicer.Classify(v1.ClassifyRequest(model="grpc-slow", image=png()), None))
+        deadline = time.monotonic() + 30
+        while sample("hybridserve_queued_items", model="grpc-slow") == 0:  # queued behind nothing: computing
+            assert time.monotonic() < deadline and not call.done()
+            await asyncio.sleep(0.02)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(scenario())
+    assert sample("hybridserve_requests_total", api="grpc", model="grpc-slow", outcome="cancelled") == 1
+    assert sample("hybridserve_requests_in_flight", api="grpc", model="grpc-slow") == 0

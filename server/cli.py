@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -15,6 +17,7 @@ from hybridserve.server.logs import LOG_FORMAT_ENV, LOG_FORMATS, configure_loggi
 from hybridserve.server.spec import SpecError, builtin_repository, load_repository, load_spec
 
 LAYOUTS = ("deployments", "combined")  # ray_app.Layout, without importing Ray here
+GATEWAY_GRPC_PORTS = 32  # gRPC ports a local cluster's gateway replicas may take (Ray's range is 1000)
 
 
 def _repository(value: str | None) -> Path:
@@ -139,17 +142,42 @@ def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
 
 
 def local_serve_env() -> dict[str, str]:
-    """What a local cluster adds to its environment for HAProxy ingress (variables already set win);
-    HAProxy's stats and metrics ports move to free ones where taken."""
+    """What a local cluster adds to its environment for HAProxy ingress (variables already set win).
+
+    HAProxy's stats and metrics ports move to free ones where taken. The gateway replicas' gRPC
+    ports get a block of their own: Ray 2.60 binds them with SO_REUSEPORT, so two local clusters
+    on Ray's default range would share a port and answer each other's calls.
+    """
     from hybridserve.server.metrics import metrics_export_port
     from hybridserve.server.ray_app import serve_env
 
     env = {key: value for key, value in serve_env().items() if key not in os.environ}
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", env.get("RAY_SERVE_ENABLE_HA_PROXY")) == "1":
-        for key, port in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
-            if key not in os.environ:
-                env[key] = str(metrics_export_port(port))
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", env.get("RAY_SERVE_ENABLE_HA_PROXY")) != "1":
+        return env
+    for key, port in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
+        if key not in os.environ:
+            env[key] = str(metrics_export_port(port))
+    if "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT" not in os.environ:
+        low = _free_port_block(GATEWAY_GRPC_PORTS)
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] = str(low)
+        env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"] = str(low + GATEWAY_GRPC_PORTS - 1)
     return env
+
+
+def _free_port_block(size: int) -> int:
+    """The first of ``size`` consecutive ports that nothing listens on (bound without SO_REUSEPORT)."""
+    def free(port: int) -> bool:
+        with socket.socket(socket.AF_INET6) as sock:  # [::] also covers IPv4, as gRPC binds
+            try:
+                sock.bind(("::", port))
+            except OSError:
+                return False
+        return True
+
+    for start in random.sample(range(42000, 60000 - size, size), 100):
+        if all(free(port) for port in range(start, start + size)):
+            return start
+    raise OSError(f"no {size} consecutive free ports for the gateway's gRPC servers")
 
 
 def grpc_servicers() -> list[str]:

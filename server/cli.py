@@ -115,6 +115,9 @@ def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    # From the start: a SIGTERM while Ray starts or the models load shuts down cleanly once loading ends.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # A local cluster gets enough logical CPUs for every replica; torch threads follow each spec.
     wanted = sum(spec.device.cpus * (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas)
                  for spec in specs)
@@ -129,9 +132,8 @@ def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
     print(f"Loading {len(specs)} model(s) on Ray Serve ...", flush=True)
     serve.run(app(AppArgs(repository=repository, device=args.device, layout=args.layout)), name=APP_NAME,
               route_prefix="/")
-    _banner(args, specs, grpc=bool(grpc_servicers()), metrics_targets=metrics.ray_metrics_targets())
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if not stop.is_set():
+        _banner(args, specs, grpc=bool(grpc_servicers()), metrics_targets=metrics.ray_metrics_targets())
     try:
         stop.wait()
     except KeyboardInterrupt:

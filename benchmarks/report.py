@@ -139,7 +139,7 @@ def render_workload(w: WorkloadResults) -> list[str]:
     if w.failures:
         lines += ["", "Not measured: " + "; ".join(f"{s}: {why}" for s, why in w.failures.items())]
     if w.ready_s:
-        lines += ["", "Servers ready after (all started together): " +
+        lines += ["", "Servers ready after their start (the Ray ones one after another, then the rest together): " +
                   ", ".join(f"{s} {t:.0f}s" for s, t in w.ready_s.items())]
     if w.compile_ms:
         sizes = sorted(next(iter(w.compile_ms.values())))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.util
 import json
 import platform
 import statistics
@@ -83,8 +84,6 @@ def synced_seconds(call, min_calls: int = 5, min_seconds: float = 0.5) -> float:
 
 def limits(w: Workload, variants: list[tuple[str, str]], deadline: float, rows: list[dict], rounds: int = 2) -> None:
     """Append one row per (backend, precision) to ``rows`` (the caller saves them as they come)."""
-    import importlib.util
-
     for backend, precision in variants:
         if time.monotonic() > deadline:
             rows.append({"backend": backend, "precision": precision, "skipped": "time budget spent"})
@@ -142,8 +141,6 @@ async def served(w: Workload, folder: Path, seconds: float) -> list[dict]:
 
 
 def machine() -> dict:
-    import importlib.util
-
     cuda = torch.cuda.is_available()
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
     return {"gpu": torch.cuda.get_device_name(0) if cuda else f"no GPU ({platform.processor() or 'CPU'})",

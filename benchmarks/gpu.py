@@ -32,8 +32,8 @@ from benchmarks.inprocess import batch_sizes, load_runtime
 from benchmarks.loadgen import Target, closed_loop
 from benchmarks.servers import JSON_HEADERS, ServerProcess, free_port
 from benchmarks.workloads import ROOT, Workload, workloads, write_repository
-from hybridserve.server.handlers import InferenceRequest
-from hybridserve.server.spec import ModelSpec
+from hybridserve.server.tasks import InferenceRequest
+from hybridserve.server.core.spec import ModelSpec
 
 BEGIN, END = "<!-- gpu:begin (written by python -m benchmarks.gpu) -->", "<!-- gpu:end -->"
 # (backend, precision) per workload, measured before the served rows; LATE ones after every
@@ -119,7 +119,7 @@ async def served(w: Workload, folder: Path, seconds: float) -> list[dict]:
     single = gpu_spec(w, backend, precision, 1)
     repository = write_repository(folder / f"{w.name}-repo", [batched, single])
     port = free_port()
-    server = ServerProcess("hybridserve-gpu", [sys.executable, "-m", "hybridserve.server.cli", "serve", "--no-ray",
+    server = ServerProcess("hybridserve-gpu", [sys.executable, "-m", "hybridserve.server.cli.main", "serve", "--no-ray",
                                                "--host", "127.0.0.1", "--port", str(port), "--repository",
                                                str(repository)],
                            f"http://127.0.0.1:{port}/readyz", folder / f"{w.name}-server.log")

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.workloads import ROOT, Workload, write_repository
-from hybridserve.server.handlers import InferenceRequest, RestoredImage
-from hybridserve.server.runtime import ModelRuntime
-from hybridserve.server.spec import ModelSpec, load_spec
+from hybridserve.server.tasks import InferenceRequest, RestoredImage
+from hybridserve.server.engine.runtime import ModelRuntime
+from hybridserve.server.core.spec import ModelSpec, load_spec
 
 
 def load_runtime(spec: ModelSpec) -> ModelRuntime:

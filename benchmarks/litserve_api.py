@@ -10,7 +10,7 @@ from typing import Any
 import litserve as ls
 
 from benchmarks.peers import Pipeline
-from hybridserve.server.handlers.base import Prepared
+from hybridserve.server.tasks.base import Prepared
 
 
 class BenchAPI(ls.LitAPI):

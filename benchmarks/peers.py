@@ -24,10 +24,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from hybridserve.server.handlers import InferenceRequest, RestoredImage
-from hybridserve.server.handlers.base import Prepared
-from hybridserve.server.runtime import ModelRuntime, configure_threads
-from hybridserve.server.spec import load_spec
+from hybridserve.server.tasks import InferenceRequest, RestoredImage
+from hybridserve.server.tasks.base import Prepared
+from hybridserve.server.engine.runtime import ModelRuntime, configure_threads
+from hybridserve.server.core.spec import load_spec
 
 THREADS_ENV = "BENCH_TORCH_THREADS"
 
@@ -97,9 +97,9 @@ def serve_litserve(args: argparse.Namespace) -> None:
 def serve_noray(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from hybridserve.server.http_api import create_http_app
-    from hybridserve.server.local import local_plane
-    from hybridserve.server.spec import load_repository
+    from hybridserve.server.transports.http_api import create_http_app
+    from hybridserve.server.engine.local import local_plane
+    from hybridserve.server.core.spec import load_repository
 
     configure_threads(float(os.environ.get(THREADS_ENV, "1")))
     plane = local_plane(load_repository(Path(args.spec)))

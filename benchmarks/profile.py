@@ -36,7 +36,7 @@ CATEGORIES = (
     ("model forward", ("AOTICompiledModel", "run_model", "BatchRunner.__call__", "_call_impl", "forward (")),
     ("preprocess (decode, resize, tensor)", ("preprocess", "decode_image", "to_tensor", "PIL/")),
     ("postprocess", ("postprocess", "_select")),
-    ("batch queue", ("server/batching.py", "run_batch", "serve/batching.py")),
+    ("batch queue", ("server/engine/batching.py", "run_batch", "serve/batching.py")),
     ("HTTP, routing, JSON", ("uvicorn/", "starlette/", "fastapi/", "http_api.py", "pydantic", "json/", "httptools")),
     ("Ray RPC, proxy, router", ("ray/",)),
     ("asyncio and thread hand-offs", ("asyncio/", "threading.py", "futures/", "concurrent/")),

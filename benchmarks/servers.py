@@ -122,7 +122,7 @@ def build_servers(workload: Workload, repositories: dict[str, Path], eager_spec:
     ports = {name: free_port() for name in ("ray", "ray-combined", "noray", "fastapi", "litserve", "litserve-nobatch", "bentoml")}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     def hybridserve(name: str, *extra: str) -> list[str]:
-        return [python, "-m", "hybridserve.server.cli", "serve", "--repository", str(repositories["ray"]),
+        return [python, "-m", "hybridserve.server.cli.main", "serve", "--repository", str(repositories["ray"]),
                 "--host", "127.0.0.1", "--port", str(ports[name]), "--grpc-port", str(free_port()), *extra]
 
     peer = [python, "-m", "benchmarks.peers"]

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from hybridserve.server.spec import ModelSpec, builtin_repository, load_spec
+from hybridserve.server.core.spec import ModelSpec, builtin_repository, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT.parent / "shared" / "eval"

@@ -13,11 +13,7 @@ import torch
 from torch import nn
 
 from hybridserve.models.builtin import ARCHITECTURES
-from hybridserve.models.weights import read_state_dict, resolve_weights
-
-
-class WeightsMismatch(ValueError):
-    """The weights do not fit the architecture (missing or unexpected keys, wrong shapes)."""
+from hybridserve.models.weights import WeightsMismatch, read_state_dict, resolve_weights
 
 
 @dataclass

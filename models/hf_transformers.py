@@ -5,11 +5,16 @@ Kinds:
 - ``cvt``     CvT image classification → logits ``(N, C)``;
 - ``detr``    DETR detection (softmax over classes plus "no object");
 - ``rt_detr`` RT-DETR detection (sigmoid, focal-loss style), including a timm backbone under it
-  through ``backbone_config: {model_type: timm_backbone, backbone: <timm name>, out_indices: [...]}``.
+  through ``backbone_config: {model_type: timm_backbone, backbone: <timm name>, out_indices: [...]}``;
+- ``segformer`` SegFormer semantic segmentation (hierarchical Mix Transformer, all-MLP decoder);
+- ``upernet`` UperNet semantic segmentation on the backbone its ``backbone_config`` names
+  (``{model_type: convnext, ...}`` or ``{model_type: swin, ...}``, with ``out_features: [stage1, ..., stage4]``).
 
 Detection models return ``(boxes (N, K, 4) xyxy in [0, 1] of the input, scores (N, K), labels (N, K))``,
 the K best (query, class) pairs computed with tensor operations only, so batches and compiled
-backends see one graph.
+backends see one graph. Segmentation models return the logits of their decode head, ``(N, C, H/4,
+W/4)``, which the server upsamples; UperNet skips its auxiliary FCN head (a training aid) and the
+upsampling its own forward does.
 
 Each model is a subclass of the transformers model whose parameter names it keeps, so a state dict
 saved from it (safetensors or ``.pth``) loads strictly through ``weights:``. Checkpoints published on
@@ -40,11 +45,15 @@ try:
         PretrainedConfig,
         RTDetrConfig,
         RTDetrForObjectDetection,
+        SegformerConfig,
+        SegformerForSemanticSegmentation,
+        UperNetConfig,
+        UperNetForSemanticSegmentation,
     )
 except ImportError as exc:  # transformers is the optional `zoo` extra
     raise ImportError("transformers:<kind> architectures need `pip install 'hybridserve[zoo]'`") from exc
 
-from hybridserve.models.factory import WeightsMismatch
+from hybridserve.models.weights import WeightsMismatch
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -97,10 +106,26 @@ class RTDetrDetector(RTDetrForObjectDetection):
         return cxcywh_to_xyxy(gather_boxes(out.pred_boxes, queries)), scores, labels
 
 
+class SegformerSegmenter(SegformerForSemanticSegmentation):
+    """SegFormer returning plain logits at stride 4."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(pixel_values=x).logits
+
+
+class UperNetSegmenter(UperNetForSemanticSegmentation):
+    """UperNet returning its decode head's logits at the finest feature map's stride (4)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.decode_head(self.backbone(x).feature_maps)
+
+
 KINDS: dict[str, tuple[type[PretrainedConfig], type[nn.Module]]] = {
     "cvt": (CvtConfig, CvtClassifier),
     "detr": (DetrConfig, DetrDetector),
     "rt_detr": (RTDetrConfig, RTDetrDetector),
+    "segformer": (SegformerConfig, SegformerSegmenter),
+    "upernet": (UperNetConfig, UperNetSegmenter),
 }
 
 

@@ -26,6 +26,10 @@ class UnsafeWeights(ValueError):
     """The weights file needs arbitrary code to load, or failed its checksum."""
 
 
+class WeightsMismatch(ValueError):
+    """The weights do not fit the architecture (missing or unexpected keys, wrong shapes)."""
+
+
 def cache_dir() -> Path:
     root = os.environ.get("HYBRIDSERVE_CACHE", str(Path.home() / ".cache" / "hybridserve"))
     return Path(root)

@@ -1,14 +1,14 @@
 """hybridserve.server: specs, handlers, the data plane and its HTTP/gRPC adapters, the Ray app.
 
 The names below are the stable entry points; everything Ray-specific lives in
-``hybridserve.server.ray_app`` so that importing this package never starts or needs Ray.
+``hybridserve.server.rayserve.app`` so that importing this package never starts or needs Ray.
 """
 
-from hybridserve.server.dataplane import DataPlane
-from hybridserve.server.errors import ERROR_TABLE, HybridServeError
-from hybridserve.server.http_api import create_http_app
-from hybridserve.server.local import local_plane
-from hybridserve.server.spec import ModelSpec, SpecError, builtin_repository, load_repository, load_spec
+from hybridserve.server.engine.dataplane import DataPlane
+from hybridserve.server.core.errors import ERROR_TABLE, HybridServeError
+from hybridserve.server.transports.http_api import create_http_app
+from hybridserve.server.engine.local import local_plane
+from hybridserve.server.core.spec import ModelSpec, SpecError, builtin_repository, load_repository, load_spec
 
 __all__ = [
     "ERROR_TABLE",

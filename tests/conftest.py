@@ -52,7 +52,7 @@ def write_generated_weights(folder: Path) -> None:
 
 def build_test_repository(folder: Path, tmp: Path) -> Path:
     """The built-in specs (weights made absolute) plus the test specs, in one folder."""
-    from hybridserve.server.spec import builtin_repository
+    from hybridserve.server.core.spec import builtin_repository
 
     folder.mkdir(parents=True, exist_ok=True)
     builtin = builtin_repository()
@@ -102,9 +102,9 @@ def server(test_repository) -> Server:
     import ray
     from ray import serve
 
-    from hybridserve.server.cli import grpc_servicers, local_serve_env
-    from hybridserve.server.ray_app import APP_NAME, AppArgs, app
-    from hybridserve.server.spec import load_repository
+    from hybridserve.server.cli.main import grpc_servicers, local_serve_env
+    from hybridserve.server.rayserve.app import APP_NAME, AppArgs, app
+    from hybridserve.server.core.spec import load_repository
 
     specs = {spec.name: spec for spec in load_repository(test_repository)}
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
@@ -152,7 +152,7 @@ class LocalServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hybridserve.server.cli", "serve", "--no-ray", "--host", "127.0.0.1",
+            [sys.executable, "-m", "hybridserve.server.cli.main", "serve", "--no-ray", "--host", "127.0.0.1",
              "--port", str(self.port), "--repository", str(repository)],
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

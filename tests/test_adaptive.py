@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from hybridserve.server.adaptive import AdaptiveBatchController, BatchingChoice
-from hybridserve.server.batching import AsyncBatcher
+from hybridserve.server.engine.adaptive import AdaptiveBatchController, BatchingChoice
+from hybridserve.server.engine.batching import AsyncBatcher
 
 
 def cost_s(size: int) -> float:

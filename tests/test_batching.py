@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hybridserve.server.batching import AsyncBatcher
+from hybridserve.server.engine.batching import AsyncBatcher
 
 
 def recording_model(delay_s: float = 0.01):

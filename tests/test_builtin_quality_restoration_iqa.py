@@ -1,8 +1,10 @@
 """The built-in restoration and IQA models, and the full-reference metrics, measured for real.
 
 Full-reference metrics are compared with independent implementations on the five TID2013
-pairs in ``../shared/eval/iqa``: PSNR and SSIM with scikit-image, MS-SSIM with the
-``pytorch-msssim`` package (which follows Wang et al. 2003's valid-window filtering).
+pairs in ``../shared/eval/iqa``: PSNR and the per-channel (``channels: rgb``) SSIM with
+scikit-image, the per-channel MS-SSIM with the ``pytorch-msssim`` package (which follows Wang
+et al. 2003's valid-window filtering). The served defaults, which follow the official
+implementations, are checked against their published scores in ``test_fr_iqa_reference.py``.
 
 The trained models are loaded from the committed specs and weights, exactly as the server
 loads them, and re-measured on the held-out photographs (``photos.HELD_OUT_PHOTOS``, never
@@ -22,7 +24,7 @@ from PIL import Image
 
 from hybridserve.models import create_model
 from hybridserve.models.training import photos
-from hybridserve.server.spec import ModelSpec, load_spec
+from hybridserve.server.core.spec import ModelSpec, load_spec
 
 torch.set_num_threads(1)
 
@@ -30,9 +32,11 @@ REPOSITORY = Path(__file__).resolve().parents[1] / "models" / "repository"
 TID2013_PAIRS = Path(__file__).resolve().parents[2] / "shared" / "eval" / "iqa"
 
 
-def load(name: str) -> tuple[ModelSpec, torch.nn.Module]:
+def load(name: str, **args) -> tuple[ModelSpec, torch.nn.Module]:
+    """A committed spec's module; ``args`` override its architecture_args (another served variant)."""
     spec = load_spec(REPOSITORY / f"{name}.yaml")
-    loaded = create_model(spec.architecture, weights=spec.weights, base_dir=spec.base_dir, args=spec.architecture_args)
+    loaded = create_model(spec.architecture, weights=spec.weights, base_dir=spec.base_dir,
+                          args={**spec.architecture_args, **args})
     return spec, loaded.module
 
 
@@ -75,10 +79,10 @@ def test_psnr_matches_scikit_image(tid2013_pairs) -> None:
     assert psnr(same, same).item() == 100.0
 
 
-def test_ssim_matches_scikit_image(tid2013_pairs) -> None:
+def test_rgb_ssim_matches_scikit_image(tid2013_pairs) -> None:
     from skimage.metrics import structural_similarity
 
-    _, ssim = load("ssim")
+    _, ssim = load("ssim", channels="rgb")
     for name, reference, distorted in tid2013_pairs:
         expected = structural_similarity(
             reference, distorted, channel_axis=-1, data_range=255,
@@ -87,9 +91,9 @@ def test_ssim_matches_scikit_image(tid2013_pairs) -> None:
         assert ssim(to_tensor(reference), to_tensor(distorted)).item() == pytest.approx(expected, abs=1e-3), name
 
 
-def test_ms_ssim_matches_pytorch_msssim(tid2013_pairs) -> None:
+def test_rgb_ms_ssim_matches_pytorch_msssim(tid2013_pairs) -> None:
     pytorch_msssim = pytest.importorskip("pytorch_msssim", reason="the MS-SSIM reference is a test dependency")
-    _, ms_ssim = load("ms-ssim")
+    _, ms_ssim = load("ms-ssim", channels="rgb")
     batch_ref = torch.cat([to_tensor(r) for _, r, _ in tid2013_pairs])
     batch_dist = torch.cat([to_tensor(d) for _, _, d in tid2013_pairs])
     expected = pytorch_msssim.ms_ssim(batch_ref.double(), batch_dist.double(), data_range=1.0, size_average=False)
@@ -176,7 +180,7 @@ def test_quality_model_score_falls_with_distortion_strength() -> None:
     """
     from scipy.stats import spearmanr
 
-    from hybridserve.server.images import resize_for_model
+    from hybridserve.server.core.images import resize_for_model
 
     spec, model = load("quality")
     pre = spec.preprocessing

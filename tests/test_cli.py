@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hybridserve.server.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hybridserve.server.cli.main", *args], capture_output=True,
                           text=True, timeout=timeout, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
@@ -19,7 +19,7 @@ def test_models_list_shows_the_builtin_models():
     out = run("models", "list")
     assert out.returncode == 0, out.stderr
     names = {line.split()[0] for line in out.stdout.splitlines()}
-    from hybridserve.server.spec import builtin_repository
+    from hybridserve.server.core.spec import builtin_repository
 
     assert names == {path.stem for path in builtin_repository().glob("*.yaml")}
     assert {"classifier", "detector", "super-resolution-x2", "denoiser", "psnr", "ssim"} <= names
@@ -56,7 +56,7 @@ def test_config_renders_one_application_with_per_model_deployments():
 
     ServeDeploySchema.model_validate(config)
     (application,) = config["applications"]
-    assert application["import_path"] == "hybridserve.server.ray_app:app"
+    assert application["import_path"] == "hybridserve.server.rayserve.app:app"
     names = {d["name"] for d in application["deployments"]}
     assert "model-classifier" in names and config["http_options"]["port"] == 8100
     for deployment in application["deployments"]:

@@ -59,7 +59,7 @@ class Driven:
 def connect(variant: str, server, **options: Any) -> Client | Driven:
     protocol, mode = variant.split("-")
     if protocol == "grpc":
-        from hybridserve.server.cli import grpc_servicers
+        from hybridserve.server.cli.main import grpc_servicers
 
         if not grpc_servicers():
             pytest.skip("this server build registers no gRPC services")

@@ -101,7 +101,7 @@ def test_bench_concurrency_levels(server, tmp_path, engine, capsys):
 
 
 def test_bench_request_rate_over_grpc_and_http(server, tmp_path):
-    from hybridserve.server.cli import grpc_servicers
+    from hybridserve.server.cli.main import grpc_servicers
 
     urls = [server.http_url] + ([f"grpc://{server.grpc_target}"] if grpc_servicers() else [])
     for url in urls:

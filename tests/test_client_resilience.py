@@ -220,9 +220,9 @@ async def test_async_client_retries_and_maps_errors(scripted, image):
 def test_api_key_and_bearer_token_against_hybridserve_with_keys(monkeypatch):
     import torch
 
-    from hybridserve.server.http_api import create_http_app
-    from hybridserve.server.local import local_plane
-    from hybridserve.server.spec import builtin_repository, load_spec
+    from hybridserve.server.transports.http_api import create_http_app
+    from hybridserve.server.engine.local import local_plane
+    from hybridserve.server.core.spec import builtin_repository, load_spec
 
     torch.set_num_threads(1)
     monkeypatch.setenv("HYBRIDSERVE_API_KEYS", "key-one,key-two")

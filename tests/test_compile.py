@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridserve.models import LoadedModel
-from hybridserve.server.aot import GilFreeAOTProgram, probe_package
-from hybridserve.server.compile import (
+from hybridserve.server.compiler.aot import GilFreeAOTProgram, probe_package
+from hybridserve.server.compiler.compile import (
     BatchRunner, CompileMismatch, artifact_key, check_against_eager, compile_model, default_buckets,
     example_batch, max_relative_error,
 )
-from hybridserve.server.handlers import ClassificationHandler
-from hybridserve.server.spec import Batching, Compile, ModelSpec, Preprocessing, builtin_repository, load_spec
+from hybridserve.server.tasks import ClassificationHandler
+from hybridserve.server.core.spec import Batching, Compile, ModelSpec, Preprocessing, builtin_repository, load_spec
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -240,8 +240,8 @@ def test_static_buckets_on_aot(compile_cache):
 
 @pytest.mark.slow
 def test_builtin_classifier_through_the_runtime_on_aot(compile_cache):
-    from hybridserve.server.handlers import InferenceRequest
-    from hybridserve.server.runtime import ModelRuntime
+    from hybridserve.server.tasks import InferenceRequest
+    from hybridserve.server.engine.runtime import ModelRuntime
 
     spec = load_spec(builtin_repository() / "classifier.yaml")
     eager = ModelRuntime(spec)

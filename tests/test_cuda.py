@@ -20,10 +20,10 @@ from PIL import Image
 
 from hybridserve_client.schemas import ClassificationResult
 
-from hybridserve.server.compile import max_relative_error
-from hybridserve.server.handlers import InferenceRequest
-from hybridserve.server.runtime import ModelRuntime
-from hybridserve.server.spec import Compile, ModelSpec, builtin_repository, load_spec
+from hybridserve.server.compiler.compile import max_relative_error
+from hybridserve.server.tasks import InferenceRequest
+from hybridserve.server.engine.runtime import ModelRuntime
+from hybridserve.server.core.spec import Compile, ModelSpec, builtin_repository, load_spec
 from tests.conftest import LocalServer, needs_eval, write_spec
 from tests.test_published_checkpoints import SET5, load_rgb, psnr_y
 

@@ -25,10 +25,10 @@ import pytest
 import yaml
 from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
-from hybridserve.server import deploy_render
-from hybridserve.server.cli import build_parser, main
-from hybridserve.server.ray_app import HAPROXY_ENV, AppArgs, serve_config
-from hybridserve.server.spec import builtin_repository, load_repository
+from hybridserve.server.cli import deploy_render
+from hybridserve.server.cli.main import build_parser, main
+from hybridserve.server.rayserve.app import HAPROXY_ENV, AppArgs, serve_config
+from hybridserve.server.core.spec import builtin_repository, load_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -184,7 +184,7 @@ def test_builtin_render_serves_every_model_from_its_spec(tmp_path):
     config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     app = config["applications"][0]
     specs = load_repository(builtin_repository())
-    assert app["import_path"] == "hybridserve.server.ray_app:app"
+    assert app["import_path"] == "hybridserve.server.rayserve.app:app"
     assert app["args"] == {"repository": deploy_render.MODEL_ROOT, "layout": "deployments"}
     assert {d["name"] for d in app["deployments"]} == {f"model-{s.name}" for s in specs}
     assert config["http_options"]["port"] == 8000 and config["grpc_options"]["port"] == 9000

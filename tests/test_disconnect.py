@@ -178,10 +178,10 @@ def test_a_cancelled_grpc_call_is_recorded_as_499_and_leaves_nothing_in_flight(t
     """A gRPC client that cancels (or whose deadline passes) cancels the servicer's coroutine."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from hybridserve.server import metrics
-    from hybridserve.server.grpc_services import TaskServicerMixin, v1
-    from hybridserve.server.local import local_plane
-    from hybridserve.server.spec import load_spec
+    from hybridserve.server.observability import metrics
+    from hybridserve.server.transports.grpc_services import TaskServicerMixin, v1
+    from hybridserve.server.engine.local import local_plane
+    from hybridserve.server.core.spec import load_spec
 
     spec = load_spec(write_spec(tmp_path, "grpc-slow", task="classification",
                                 architecture=f"python:{FIXTURES / 'slow_model.py'}:SlowClassifier",

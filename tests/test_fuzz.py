@@ -17,8 +17,8 @@ from PIL import Image
 
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from hybridserve.server.errors import HybridServeError
-from hybridserve.server.images import decode_image
+from hybridserve.server.core.errors import HybridServeError
+from hybridserve.server.core.images import decode_image
 
 EXAMPLES = int(os.environ.get("HYBRIDSERVE_FUZZ_EXAMPLES", "30"))
 

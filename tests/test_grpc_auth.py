@@ -9,10 +9,10 @@ import pytest
 
 from hybridserve_client._grpc.hybridserve.oip.v2 import open_inference_pb2 as oip_pb
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as v1
-from hybridserve.server import grpc_services
-from hybridserve.server.local import local_plane
-from hybridserve.server.security import AuthPolicy
-from hybridserve.server.spec import builtin_repository, load_spec
+from hybridserve.server.transports import grpc_services
+from hybridserve.server.engine.local import local_plane
+from hybridserve.server.transports.auth import AuthPolicy
+from hybridserve.server.core.spec import builtin_repository, load_spec
 
 
 class CallContext:

@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as v1
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2_grpc as v1_grpc
 from hybridserve_client.schemas import AssessmentResult, ClassificationResult, DetectionResult, ModelInfo
-from hybridserve.server.errors import ERROR_TABLE
+from hybridserve.server.core.errors import ERROR_TABLE
 from tests.test_http_api import png
 from tests.test_oip import case_for, set5
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hybridserve.server.errors import UnsupportedMediaType
-from hybridserve.server.images import decode_image
+from hybridserve.server.core.errors import UnsupportedMediaType
+from hybridserve.server.core.images import decode_image
 
 RNG = np.random.default_rng(7)
 RGB = RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("package", ["hybridserve.server", "hybridserve.server.handlers", "hybridserve.models",
+@pytest.mark.parametrize("package", ["hybridserve.server", "hybridserve.server.tasks", "hybridserve.models",
                                      "hybridserve_client"])
 def test_every_exported_name_exists(package):
     module = importlib.import_module(package)

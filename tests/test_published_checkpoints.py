@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from hybridserve.models import create_model
-from hybridserve.server.handlers import InferenceRequest, handler_for
-from hybridserve.server.spec import load_spec
+from hybridserve.server.tasks import InferenceRequest, handler_for
+from hybridserve.server.core.spec import load_spec
 from tests.conftest import SPECS, needs_eval
 
 SET5 = ["baby", "bird", "butterfly", "head", "woman"]

@@ -7,6 +7,7 @@ only when a spec asks for one of their architectures.
 ARCHITECTURES: dict[str, str] = {
     "hybrid_classifier": "classifier:HybridClassifier",
     "hybrid_detector": "detector:HybridDetector",
+    "hybrid_segmenter": "segmenter:HybridSegmenter",
     "hybrid_restorer": "restorer:HybridRestorer",
     "hybrid_iqa": "iqa:HybridIQA",
     "psnr": "metrics:PSNR",

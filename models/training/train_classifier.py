@@ -27,7 +27,7 @@ from torch import nn
 
 from hybridserve.models.builtin.classifier import HybridClassifier
 from hybridserve.models.training.digits import load_split, split_tensors
-from hybridserve.server.spec import ModelSpec, builtin_repository, load_spec
+from hybridserve.server.core.spec import ModelSpec, builtin_repository, load_spec
 
 
 def seed_everything(seed: int, threads: int) -> None:

@@ -1,0 +1,215 @@
+"""ModelRuntime: one loaded model and its request pipeline, the same in a Ray replica and in-process.
+
+The pipeline reads top to bottom in ``infer``: admit → preprocess (per request) → items
+join the batch queue → ``run_batch`` (batched forward) → postprocess (per request).
+A runtime is ready only after a warm-up request has gone through that whole pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hybridserve.models import create_model
+from hybridserve.server.observability import metrics
+from hybridserve.server.compiler.compile import CompileResult, compile_model
+from hybridserve.server.core.errors import DeadlineExceeded, HybridServeError, InternalError, ModelNotReady, Overloaded
+from hybridserve.server.tasks import InferenceRequest, TaskHandler, handler_for
+from hybridserve.server.core.spec import ModelSpec
+
+log = logging.getLogger("hybridserve.runtime")
+_entry_states = threading.Lock()  # the batch thread and the event loop both move entries on
+
+
+@dataclass
+class Entry:
+    """One batch item on its way through the queue: ``queued``, then ``computing`` or ``cancelled``."""
+
+    item: Any
+    deadline: float | None
+    enqueued: float = field(default_factory=time.monotonic)
+    state: str = "queued"
+
+    def leave_queue(self, state: str) -> bool:
+        """Move a queued entry to ``state``; False if it had left the queue already (the other side won)."""
+        with _entry_states:
+            if self.state != "queued":
+                return False
+            self.state = state
+            return True
+
+
+@dataclass
+class BatchOutput:
+    output: Any = None
+    error: HybridServeError | None = None
+    batch_size: int = 0
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+
+@dataclass
+class InferenceOutcome:
+    """A finished request: its result plus what the server reports about how it ran."""
+
+    result: Any
+    batch_size: int
+    timings: dict[str, float]
+
+
+def configure_threads(cpus: float) -> int:
+    """Pin torch's intra-op threads to the CPUs this replica owns (oversubscription is ruinous)."""
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
+class ModelRuntime:
+    def __init__(self, spec: ModelSpec, device: str | None = None):
+        self.spec = spec
+        self.device = torch.device(device or ("cuda" if spec.device.type == "cuda" else "cpu"))
+        self.status = "loading"
+        self.reason: str | None = None
+        self.backend: str | None = None
+        self.compiled: CompileResult | None = None
+        self.load_seconds: float | None = None
+        self.handler: TaskHandler | None = None
+        self.in_flight_items = 0
+        self.max_queue = spec.batching.max_queue
+
+    # ------------------------------------------------------------ loading
+
+    def load(self) -> None:
+        """Build, compile and warm up the model. Failures are kept as status, never raised."""
+        started = time.perf_counter()
+        try:
+            spec = self.spec
+            loaded = create_model(
+                spec.architecture,
+                weights=spec.weights,
+                weights_sha256=spec.weights_sha256,
+                base_dir=spec.base_dir,
+                args=spec.architecture_args,
+            )
+            loaded.module.to(self.device)
+            handler = handler_for(spec.task)(spec, loaded, self.device)
+            with metrics.load_stage(spec.name, "compile"):
+                self.compiled = compile_model(handler, spec.compile, self.device)
+            handler.module, self.backend = self.compiled.module, self.compiled.backend
+            self.handler = handler
+            with metrics.load_stage(spec.name, "warmup"):
+                self._warm_up()
+            self.status = "ready"
+        except Exception as exc:  # a broken model must not take the server down
+            self.status, self.reason = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("model %s failed to load: %s", self.spec.name, self.reason)
+        self.load_seconds = round(time.perf_counter() - started, 3)
+        metrics.model_loaded(self)
+        cache = self.compiled.cache if self.compiled else None
+        log.info("model %s %s in %.2fs (backend %s%s)", self.spec.name, self.status, self.load_seconds, self.backend,
+                 f", compile cache {cache}" if cache else "")
+
+    def _warm_up(self) -> None:
+        """Run one request through the whole pipeline; compiled backends also run every batch size or bucket."""
+        handler = self.handler
+        prepared = handler.preprocess(handler.warmup_request())
+        handler.postprocess(prepared, handler.forward(prepared.items))
+        for size in self.compiled.warmup_sizes:
+            handler.forward([self.compiled.example] * size)
+
+    # ------------------------------------------------------------ serving
+
+    def run_batch(self, entries: Sequence[Entry]) -> list[BatchOutput]:
+        """The batched step: drop expired and cancelled items, run one forward, hand each item its output."""
+        now = time.monotonic()
+        live = [i for i, e in enumerate(entries)
+                if (e.deadline is None or e.deadline > now) and e.leave_queue("computing")]
+        # Expired items get the error; cancelled ones get it too, but nobody waits for their answer.
+        results = [BatchOutput(error=DeadlineExceeded("deadline expired while queued")) for _ in entries]
+        if not live:
+            return results
+        started = time.perf_counter()
+        try:
+            outputs = self.handler.forward([entries[i].item for i in live])
+        except Exception as exc:
+            log.exception("forward failed for model %s", self.spec.name)
+            error = InternalError(f"model {self.spec.name!r} failed on this batch ({type(exc).__name__})")
+            return [BatchOutput(error=error) for _ in entries]
+        if len(outputs) != len(live):
+            raise InternalError(f"{type(self.handler).__name__}.forward returned {len(outputs)} outputs for {len(live)} items")
+        compute = time.perf_counter() - started
+        metrics.batch_done(self.spec.name, [now - entries[i].enqueued for i in live], compute, self.device)
+        for index, output in zip(live, outputs):
+            results[index] = BatchOutput(
+                output=output, batch_size=len(live), queue_s=now - entries[index].enqueued, compute_s=compute,
+            )
+        return results
+
+    async def infer(
+        self,
+        request: InferenceRequest,
+        submit: Callable[[Entry], Awaitable[BatchOutput]],
+        deadline: float | None = None,
+    ) -> InferenceOutcome:
+        """One request through the whole pipeline; ``submit`` puts an item in the batch queue."""
+        if self.status != "ready":
+            raise ModelNotReady(f"model {self.spec.name!r} is {self.status}" + (f": {self.reason}" if self.reason else ""))
+        started = time.perf_counter()
+        prepared = await asyncio.to_thread(self.handler.preprocess, request)
+        preprocessed = time.perf_counter()
+        count = len(prepared.items)
+        if self.in_flight_items + count > self.max_queue and self.in_flight_items > 0:
+            raise Overloaded(
+                f"model {self.spec.name!r} has {self.in_flight_items} items queued (limit {self.max_queue})",
+                retry_after=1.0,
+            )
+        self.in_flight_items += count
+        metrics.queued_items(self.spec.name, self.in_flight_items)
+        entries = [Entry(item, deadline) for item in prepared.items]
+        try:
+            outs = await asyncio.gather(*(submit(entry) for entry in entries))
+        except asyncio.CancelledError:  # the client went away, or the deadline passed (the data plane's timeout)
+            self._drop_cancelled(entries)
+            raise
+        finally:
+            self.in_flight_items -= count
+            metrics.queued_items(self.spec.name, self.in_flight_items)
+        for out in outs:
+            if out.error is not None:
+                raise out.error
+        batched = time.perf_counter()
+        result = await asyncio.to_thread(self.handler.postprocess, prepared, [o.output for o in outs])
+        finished = time.perf_counter()
+        outcome = InferenceOutcome(
+            result=result,
+            batch_size=max(o.batch_size for o in outs),
+            timings={
+                "preprocess": preprocessed - started,
+                "queue": max(o.queue_s for o in outs),
+                "compute": sum(o.compute_s for o in outs) / max(1, len(outs)),
+                "postprocess": finished - batched,
+                "total": finished - started,
+            },
+        )
+        metrics.inference_done(self.spec.name, prepared.items, outcome.timings)
+        return outcome
+
+    def _drop_cancelled(self, entries: Sequence[Entry]) -> None:
+        """Take a cancelled request's items out of the batch queue; those in a running batch finish unused."""
+        dropped = sum(entry.leave_queue("cancelled") for entry in entries)
+        metrics.items_cancelled(self.spec.name, dropped)
+        log.debug("model %s: request cancelled, %d of its %d items dropped before compute",
+                  self.spec.name, dropped, len(entries))

@@ -1,0 +1,106 @@
+"""Restoration (super-resolution, denoising): overlapping tiles, batched, blended without seams.
+
+An image is cut into ``tile`` x ``tile`` tiles that overlap by ``tile_overlap`` pixels; every
+tile is a batch item, so tiles of different requests share batches. Outputs are blended with
+weights that ramp linearly across each overlap, which removes seams; an image no larger than
+one tile runs whole. Inputs are reflect-padded to the model's ``pad_multiple`` and the padding
+is cropped from the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hybridserve_client.results import RestoredImage as EncodedRestoredImage
+from hybridserve.server.tasks.base import Options, Output, Prepared, TaskHandler
+from hybridserve.server.core.images import encode_image
+
+
+@dataclass(frozen=True, repr=False)
+class RestoredImage(EncodedRestoredImage):
+    """The client's ``RestoredImage`` (encoded bytes, ``to_schema``) plus the decoded pixels, which
+    the Open Inference Protocol returns as a UINT8 tensor without decoding the bytes again."""
+
+    pixels: np.ndarray
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles covering ``length``; every tile is full size when length >= tile."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def ramp(length: int, before: int, after: int) -> torch.Tensor:
+    """1-D blending weights: rise over ``before`` pixels, fall over ``after``, 1 in between."""
+    position = torch.arange(length, dtype=torch.float32) + 0.5
+    weight = torch.ones(length)
+    if before:
+        weight = torch.minimum(weight, position / before)
+    if after:
+        weight = torch.minimum(weight, (length - position) / after)
+    return weight.clamp_(min=1e-3)
+
+
+class RestorationHandler(TaskHandler):
+    task = "restoration"
+
+    def prepare(self, image: np.ndarray, reference: np.ndarray | None, options: Options) -> Prepared:
+        pre = self.spec.preprocessing
+        tensor = self.to_tensor(image, normalize=False)
+        height, width = tensor.shape[1:]
+        ys, xs = tile_starts(height, pre.tile, pre.tile_overlap), tile_starts(width, pre.tile, pre.tile_overlap)
+        items, boxes = [], []
+        for y in ys:
+            for x in xs:
+                h, w = min(pre.tile, height), min(pre.tile, width)
+                items.append(self._pad(tensor[:, y:y + h, x:x + w]))
+                boxes.append((y, x, h, w))
+        return Prepared(
+            items=items,
+            context={"boxes": boxes, "height": height, "width": width, "format": options.format or "png",
+                     "overlap": pre.tile_overlap, "ys": ys, "xs": xs},
+        )
+
+    def _pad(self, tile: torch.Tensor) -> torch.Tensor:
+        multiple = self.loaded.pad_multiple
+        h, w = tile.shape[1:]
+        pad_h, pad_w = (-h) % multiple, (-w) % multiple
+        if not (pad_h or pad_w):
+            return tile
+        reflect_h, reflect_w = min(pad_h, h - 1), min(pad_w, w - 1)
+        tile = F.pad(tile[None], (0, reflect_w, 0, reflect_h), mode="reflect")
+        return F.pad(tile, (0, pad_w - reflect_w, 0, pad_h - reflect_h), mode="replicate")[0]
+
+    def postprocess(self, prepared: Prepared, outputs: list[Output]) -> RestoredImage:
+        ctx = prepared.context
+        scale = self.loaded.scale
+        channels = outputs[0].shape[0]
+        height, width = ctx["height"] * scale, ctx["width"] * scale
+        if len(outputs) == 1:
+            merged = outputs[0][:, :height, :width]
+        else:
+            merged = torch.zeros(channels, height, width)
+            total = torch.zeros(1, height, width)
+            overlap = ctx["overlap"] * scale
+            first_y, last_y, first_x, last_x = ctx["ys"][0], ctx["ys"][-1], ctx["xs"][0], ctx["xs"][-1]
+            for (y, x, h, w), out in zip(ctx["boxes"], outputs):
+                h, w = h * scale, w * scale
+                # Ramp only on sides that touch another tile; the image border keeps full weight.
+                wy = ramp(h, overlap if y != first_y else 0, overlap if y != last_y else 0)
+                wx = ramp(w, overlap if x != first_x else 0, overlap if x != last_x else 0)
+                weight = wy[:, None] * wx[None, :]
+                y, x = y * scale, x * scale
+                merged[:, y:y + h, x:x + w] += out[:, :h, :w] * weight
+                total[:, y:y + h, x:x + w] += weight
+            merged = merged / total
+        pixels = merged.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        fmt = ctx["format"]
+        return RestoredImage(self.spec.name, width, height, fmt, encode_image(pixels, fmt), pixels)

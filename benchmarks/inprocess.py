@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.workloads import ROOT, Workload, write_repository
-from hybridserve.server.tasks import InferenceRequest, RestoredImage
+from hybridserve.server.tasks import TASKS, InferenceRequest, Options
 from hybridserve.server.engine.runtime import ModelRuntime
-from hybridserve.server.core.spec import ModelSpec, load_spec
+from hybridserve.server.core.spec import ModelSpec
+from hybridserve.server.repository import load_spec
 
 
 def load_runtime(spec: ModelSpec) -> ModelRuntime:
@@ -81,10 +82,8 @@ def pipeline_seconds(runtime: ModelRuntime, workload: Workload, min_seconds: flo
     def one() -> None:
         body = json.loads(workload.payload)
         prepared = handler.preprocess(InferenceRequest(image=base64.b64decode(body["image"])))
-        result = handler.postprocess(prepared, handler.forward(prepared.items))
-        if isinstance(result, RestoredImage):
-            result = result.to_schema()
-        result.model_dump_json()
+        output = handler.postprocess(prepared, handler.forward(prepared.items))
+        TASKS[handler.spec.task].typed(handler.spec, output, Options()).model_dump_json()
 
     with torch.inference_mode():
         return seconds_per_call(one, 3, min_seconds)

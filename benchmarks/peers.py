@@ -24,10 +24,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from hybridserve.server.tasks import InferenceRequest, RestoredImage
+from hybridserve.server.tasks import TASKS, InferenceRequest, Options
 from hybridserve.server.tasks.base import Prepared
 from hybridserve.server.engine.runtime import ModelRuntime, configure_threads
-from hybridserve.server.core.spec import load_spec
+from hybridserve.server.repository import load_spec
 
 THREADS_ENV = "BENCH_TORCH_THREADS"
 
@@ -56,9 +56,8 @@ class Pipeline:
         return grouped
 
     def respond(self, prepared: Prepared, outputs: list[Any]) -> dict[str, Any]:
-        result = self.handler.postprocess(prepared, outputs)
-        if isinstance(result, RestoredImage):
-            result = result.to_schema()
+        spec = self.handler.spec
+        result = TASKS[spec.task].typed(spec, self.handler.postprocess(prepared, outputs), Options())
         return result.model_dump(mode="json")
 
     def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +98,7 @@ def serve_noray(args: argparse.Namespace) -> None:
 
     from hybridserve.server.transports.http_api import create_http_app
     from hybridserve.server.engine.local import local_plane
-    from hybridserve.server.core.spec import load_repository
+    from hybridserve.server.repository import load_repository
 
     configure_threads(float(os.environ.get(THREADS_ENV, "1")))
     plane = local_plane(load_repository(Path(args.spec)))

@@ -8,7 +8,8 @@ from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.core.errors import ERROR_TABLE, HybridServeError
 from hybridserve.server.transports.http_api import create_http_app
 from hybridserve.server.engine.local import local_plane
-from hybridserve.server.core.spec import ModelSpec, SpecError, builtin_repository, load_repository, load_spec
+from hybridserve.server.core.spec import ModelSpec, SpecError
+from hybridserve.server.repository import builtin_repository, load_repository, load_spec
 
 __all__ = [
     "ERROR_TABLE",

@@ -52,7 +52,7 @@ def write_generated_weights(folder: Path) -> None:
 
 def build_test_repository(folder: Path, tmp: Path) -> Path:
     """The built-in specs (weights made absolute) plus the test specs, in one folder."""
-    from hybridserve.server.core.spec import builtin_repository
+    from hybridserve.server.repository import builtin_repository
 
     folder.mkdir(parents=True, exist_ok=True)
     builtin = builtin_repository()
@@ -104,7 +104,7 @@ def server(test_repository) -> Server:
 
     from hybridserve.server.cli.main import grpc_servicers, local_serve_env
     from hybridserve.server.rayserve.app import APP_NAME, AppArgs, app
-    from hybridserve.server.core.spec import load_repository
+    from hybridserve.server.repository import load_repository
 
     specs = {spec.name: spec for spec in load_repository(test_repository)}
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()

@@ -25,7 +25,8 @@ from hybridserve.models.training.digits import CLASS_NAMES as DIGIT_NAMES
 from hybridserve.models.training.digits import load_split, preprocess
 from hybridserve.models.training.scenes import CLASS_NAMES as SHAPE_NAMES
 from hybridserve.models.training.scenes import held_out_scenes, scene_batch
-from hybridserve.server.core.spec import ModelSpec, builtin_repository, load_spec
+from hybridserve.server.core.spec import ModelSpec
+from hybridserve.server.repository import builtin_repository, load_spec
 
 HELD_OUT_SCENES = 200
 

@@ -24,7 +24,8 @@ from PIL import Image
 
 from hybridserve.models import create_model
 from hybridserve.models.training import photos
-from hybridserve.server.core.spec import ModelSpec, load_spec
+from hybridserve.server.core.spec import ModelSpec
+from hybridserve.server.repository import load_spec
 
 torch.set_num_threads(1)
 

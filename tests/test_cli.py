@@ -19,7 +19,7 @@ def test_models_list_shows_the_builtin_models():
     out = run("models", "list")
     assert out.returncode == 0, out.stderr
     names = {line.split()[0] for line in out.stdout.splitlines()}
-    from hybridserve.server.core.spec import builtin_repository
+    from hybridserve.server.repository import builtin_repository
 
     assert names == {path.stem for path in builtin_repository().glob("*.yaml")}
     assert {"classifier", "detector", "super-resolution-x2", "denoiser", "psnr", "ssim"} <= names

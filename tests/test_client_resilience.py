@@ -222,7 +222,7 @@ def test_api_key_and_bearer_token_against_hybridserve_with_keys(monkeypatch):
 
     from hybridserve.server.transports.http_api import create_http_app
     from hybridserve.server.engine.local import local_plane
-    from hybridserve.server.core.spec import builtin_repository, load_spec
+    from hybridserve.server.repository import builtin_repository, load_spec
 
     torch.set_num_threads(1)
     monkeypatch.setenv("HYBRIDSERVE_API_KEYS", "key-one,key-two")

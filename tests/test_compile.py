@@ -23,7 +23,8 @@ from hybridserve.server.compiler.compile import (
     example_batch, max_relative_error,
 )
 from hybridserve.server.tasks import ClassificationHandler
-from hybridserve.server.core.spec import Batching, Compile, ModelSpec, Preprocessing, builtin_repository, load_spec
+from hybridserve.server.core.spec import Batching, Compile, ModelSpec, Preprocessing
+from hybridserve.server.repository import builtin_repository, load_spec
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

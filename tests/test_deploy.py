@@ -28,7 +28,7 @@ from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDepl
 from hybridserve.server.cli import deploy_render
 from hybridserve.server.cli.main import build_parser, main
 from hybridserve.server.rayserve.app import HAPROXY_ENV, AppArgs, serve_config
-from hybridserve.server.core.spec import builtin_repository, load_repository
+from hybridserve.server.repository import builtin_repository, load_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

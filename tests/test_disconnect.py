@@ -181,7 +181,7 @@ def test_a_cancelled_grpc_call_is_recorded_as_499_and_leaves_nothing_in_flight(t
     from hybridserve.server.observability import metrics
     from hybridserve.server.transports.grpc_services import TaskServicerMixin, v1
     from hybridserve.server.engine.local import local_plane
-    from hybridserve.server.core.spec import load_spec
+    from hybridserve.server.repository import load_spec
 
     spec = load_spec(write_spec(tmp_path, "grpc-slow", task="classification",
                                 architecture=f"python:{FIXTURES / 'slow_model.py'}:SlowClassifier",

@@ -19,8 +19,8 @@ from PIL import Image
 
 from hybridserve.models import create_model
 from hybridserve.models.builtin.metrics import box_downsample
-from hybridserve.server.tasks import InferenceRequest, handler_for
-from hybridserve.server.core.spec import builtin_repository, load_spec
+from hybridserve.server.tasks import InferenceRequest, task_of
+from hybridserve.server.repository import builtin_repository, load_spec
 from tests.conftest import needs_eval
 
 PAIRS = ("I03", "I04", "I06", "I08", "I19")
@@ -39,11 +39,11 @@ def served(name: str, args: dict | None = None):
     if args is not None:
         spec = spec.model_copy(update={"architecture_args": {**spec.architecture_args, **args}})
     loaded = create_model(spec.architecture, weights=spec.weights, base_dir=spec.base_dir, args=spec.architecture_args)
-    handler = handler_for(spec.task)(spec, loaded, torch.device("cpu"))
+    handler = task_of(spec.task).handler(spec, loaded, torch.device("cpu"))
 
     def score(reference: bytes | np.ndarray, distorted: bytes | np.ndarray) -> float:
         prepared = handler.preprocess(InferenceRequest(image=distorted, reference=reference))
-        return handler.postprocess(prepared, handler.forward(prepared.items)).score
+        return handler.postprocess(prepared, handler.forward(prepared.items)).value
 
     return score
 

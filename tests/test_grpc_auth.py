@@ -12,7 +12,7 @@ from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as v1
 from hybridserve.server.transports import grpc_services
 from hybridserve.server.engine.local import local_plane
 from hybridserve.server.transports.auth import AuthPolicy
-from hybridserve.server.core.spec import builtin_repository, load_spec
+from hybridserve.server.repository import builtin_repository, load_spec
 
 
 class CallContext:

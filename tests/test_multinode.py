@@ -124,7 +124,7 @@ def _png(pixels: np.ndarray) -> str:
 
 def _pinned_repository(folder: Path) -> Path:
     """The built-in PSNR spec, placed on the node that offers ``worker_node``."""
-    from hybridserve.server.core.spec import builtin_repository
+    from hybridserve.server.repository import builtin_repository
 
     data = yaml.safe_load((builtin_repository() / f"{MODEL}.yaml").read_text())
     data["device"] = {"type": "cpu", "cpus": 1, "resources": {RESOURCE: 1}}

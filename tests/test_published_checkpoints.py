@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from hybridserve.models import create_model
-from hybridserve.server.tasks import InferenceRequest, handler_for
-from hybridserve.server.core.spec import load_spec
+from hybridserve.server.tasks import InferenceRequest, task_of
+from hybridserve.server.repository import load_spec
 from tests.conftest import SPECS, needs_eval
 
 SET5 = ["baby", "bird", "butterfly", "head", "woman"]
@@ -84,10 +84,10 @@ def test_craft_x4_set5_served_matches_direct_call(server, craft_direct):
 
 
 def run_whole_pipeline(spec, loaded, image: np.ndarray) -> np.ndarray:
-    handler = handler_for(spec.task)(spec, loaded, torch.device("cpu"))
+    handler = task_of(spec.task).handler(spec, loaded, torch.device("cpu"))
     prepared = handler.preprocess(InferenceRequest(image=image))
     outputs = handler.forward(prepared.items)
-    return handler.postprocess(prepared, outputs).pixels, len(prepared.items)
+    return handler.postprocess(prepared, outputs).array, len(prepared.items)
 
 
 def test_tiling_matches_a_whole_image_pass(craft_spec):

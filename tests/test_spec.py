@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from hybridserve.models import UnsafeWeights, WeightsMismatch, create_model, read_state_dict, resolve_weights
-from hybridserve.server.core.spec import SpecError, builtin_repository, load_repository, load_spec
+from hybridserve.server.core.spec import SpecError
+from hybridserve.server.repository import builtin_repository, load_repository, load_spec
 
 GOOD = """
 name: tiny

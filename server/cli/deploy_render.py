@@ -339,7 +339,7 @@ def kustomize_files(repository: Path, models_claim: str | None = None) -> dict[s
 
 
 def cmd_deploy_render(args: argparse.Namespace) -> int:
-    from hybridserve.server.core.spec import builtin_repository
+    from hybridserve.server.repository import builtin_repository
 
     repository = Path(args.repository).resolve() if args.repository else builtin_repository()
     options = RenderOptions(repository=repository, gpu=args.gpu, image=args.image,

@@ -15,7 +15,8 @@ from pathlib import Path
 from hybridserve.server.cli.deploy_render import add_deploy_parser
 from hybridserve.server.evaluation.cli import add_eval_parser
 from hybridserve.server.observability.logs import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging
-from hybridserve.server.core.spec import SpecError, builtin_repository, load_repository, load_spec
+from hybridserve.server.core.spec import SpecError
+from hybridserve.server.repository import builtin_repository, load_repository, load_spec
 
 LAYOUTS = ("deployments", "combined")  # ray_app.Layout, without importing Ray here
 GATEWAY_GRPC_PORTS = 32  # gRPC ports a local cluster's gateway replicas may take (Ray's range is 1000)

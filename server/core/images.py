@@ -111,8 +111,11 @@ class Placement:
     offset_x: float = 0.0
     offset_y: float = 0.0
 
-    def to_original(self, x: float, y: float) -> tuple[float, float]:
-        return (x - self.offset_x) / self.scale_x, (y - self.offset_y) / self.scale_y
+    def boxes_to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """[K, 4] boxes (x1, y1, x2, y2) in model-input pixels, mapped to original-image pixels."""
+        offset = np.array([self.offset_x, self.offset_y, self.offset_x, self.offset_y])
+        scale = np.array([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
+        return (boxes - offset) / scale
 
 
 def resize_for_model(array: np.ndarray, size: tuple[int, int], policy: str, fill: int = 0) -> tuple[np.ndarray, Placement]:

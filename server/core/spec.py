@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hybridserve_client.schemas import TASK_VERBS, Task
 
@@ -134,8 +133,6 @@ class ModelSpec(_Frozen):
     def _check(self) -> ModelSpec:
         if self.weights and self.weights.startswith("https://") and not self.weights_sha256:
             raise ValueError("weights from an https URL need weights_sha256")
-        if self.task in ("classification", "detection") and self.preprocessing.input_size is None:
-            raise ValueError(f"a {self.task} model needs preprocessing.input_size")
         if self.task == "iqa" and self.iqa is None:
             return self.model_copy(update={"iqa": IQA()})
         if self.task == "restoration" and self.restoration is None:
@@ -157,56 +154,3 @@ class ModelSpec(_Frozen):
 
 class SpecError(ValueError):
     """A spec file is unreadable or invalid; the message names the file, key and reason."""
-
-
-def load_spec(path: Path) -> ModelSpec:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise SpecError(f"{path}: cannot read YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: a spec must be a mapping of keys to values")
-    data.pop("base_dir", None)
-    try:
-        return ModelSpec.model_validate({**data, "base_dir": path.parent.resolve()})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<spec>'}: {_reason(err)}" for err in exc.errors()
-        )
-        raise SpecError(f"{path}: {problems}") from None
-
-
-def _reason(err: dict) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown key"
-    return err["msg"]
-
-
-def load_repository(folder: Path) -> list[ModelSpec]:
-    """Load every ``*.yaml`` spec in ``folder``; duplicate names or any invalid spec raise SpecError."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SpecError(f"model repository {folder} is not a folder")
-    specs, errors = [], []
-    for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
-        try:
-            specs.append(load_spec(path))
-        except SpecError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise SpecError("\n".join(errors))
-    names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise SpecError(f"{folder}: model names used twice: {', '.join(dupes)}")
-    if not specs:
-        raise SpecError(f"{folder}: no *.yaml model specs")
-    return specs
-
-
-def builtin_repository() -> Path:
-    """The model repository shipped inside the package."""
-    import hybridserve.models
-
-    return Path(hybridserve.models.__file__).resolve().parent / "repository"

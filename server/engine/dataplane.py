@@ -24,7 +24,7 @@ def describe(spec: ModelSpec, status: str, reason: str | None = None, backend: s
              load_seconds: float | None = None, device: str | None = None,
              batching: BatchingInfo | None = None) -> ModelInfo:
     pre = spec.preprocessing
-    restoring = spec.task == "restoration"
+    restoring = spec.restoration is not None  # tiles, at a scale
     return ModelInfo(
         name=spec.name,
         task=spec.task,

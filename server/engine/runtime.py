@@ -22,7 +22,7 @@ from hybridserve.models import create_model
 from hybridserve.server.observability import metrics
 from hybridserve.server.compiler.compile import CompileResult, compile_model
 from hybridserve.server.core.errors import DeadlineExceeded, HybridServeError, InternalError, ModelNotReady, Overloaded
-from hybridserve.server.tasks import InferenceRequest, TaskHandler, handler_for
+from hybridserve.server.tasks import InferenceRequest, TaskHandler, task_of
 from hybridserve.server.core.spec import ModelSpec
 
 log = logging.getLogger("hybridserve.runtime")
@@ -105,7 +105,7 @@ class ModelRuntime:
                 args=spec.architecture_args,
             )
             loaded.module.to(self.device)
-            handler = handler_for(spec.task)(spec, loaded, self.device)
+            handler = task_of(spec.task).handler(spec, loaded, self.device)
             with metrics.load_stage(spec.name, "compile"):
                 self.compiled = compile_model(handler, spec.compile, self.device)
             handler.module, self.backend = self.compiled.module, self.compiled.backend

@@ -20,7 +20,8 @@ from PIL import Image
 
 from hybridserve_client.exceptions import ERROR_CLASSES, ServerError
 from hybridserve.server import HybridServeError, ModelSpec, builtin_repository, load_repository, load_spec, local_plane
-from hybridserve.server.tasks import InferenceRequest, Options
+from hybridserve_client.results import RestoredImage
+from hybridserve.server.tasks import InferenceRequest, Options, task_for_verb
 
 
 class LocalPredictor:
@@ -72,6 +73,9 @@ class LocalPredictor:
     def assess(self, model: str, image: Any, reference: Any = None) -> Any:
         return self._infer(model, "assess", image, reference, Options())
 
+    def segment(self, model: str, image: Any) -> Any:
+        return self._infer(model, "segment", image, None, Options())
+
     def _infer(self, model: str, verb: str, image: Any, reference: Any, options: Options) -> Any:
         if not isinstance(image, list):
             return self._run(self._one(model, verb, image, reference, options))
@@ -93,7 +97,9 @@ class LocalPredictor:
 
     async def _one(self, model: str, verb: str, image: Any, reference: Any, options: Options) -> Any:
         request = InferenceRequest(_payload(image), None if reference is None else _payload(reference), options)
-        return (await self._plane.infer(model, verb, request, self.timeout_s)).result
+        output = (await self._plane.infer(model, verb, request, self.timeout_s)).result
+        typed = task_for_verb(verb).typed(self._plane.endpoint(model).spec, output, options)
+        return RestoredImage.from_schema(typed) if verb == "restore" else typed  # as the client returns it
 
 
 def _find_spec(repository: Path, name: str) -> ModelSpec:

@@ -48,7 +48,8 @@ from hybridserve.server.tasks import InferenceRequest
 from hybridserve.server.transports.http_api import HTTPSettings, create_http_app
 from hybridserve.server.engine.local import local_plane
 from hybridserve.server.engine.runtime import BatchOutput, Entry, InferenceOutcome, ModelRuntime, configure_threads
-from hybridserve.server.core.spec import ModelSpec, builtin_repository, load_repository
+from hybridserve.server.core.spec import ModelSpec
+from hybridserve.server.repository import builtin_repository, load_repository
 
 log = logging.getLogger("hybridserve.ray")
 

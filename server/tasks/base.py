@@ -1,9 +1,13 @@
-"""The task handler contract: per-request preprocess, batched forward, per-item postprocess.
+"""What a task is: its handler (preprocess, batched forward, postprocess) and its ``Task`` declaration.
 
 A handler turns one request into one or more *items* (tensors of one image, or one tile),
 the batcher groups items of many requests into a batch for ``forward``, and ``postprocess``
-turns a request's item outputs back into its typed result. Handlers know nothing of HTTP,
-gRPC, Ray or the batch queue.
+turns a request's item outputs into a *neutral* output (arrays, boxes, pixels, a score).
+Handlers know nothing of HTTP, gRPC, Ray, the batch queue or any encoding.
+
+A ``Task`` declares everything else about the task once: its name and verb, the spec checks,
+the typed result (the client's schema), the Open Inference Protocol tensors and the typed-gRPC
+mapping. The transports iterate over ``hybridserve.server.tasks.TASKS`` and never name a task.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from google.protobuf import json_format
+from pydantic import BaseModel
 
 from hybridserve.models import LoadedModel
 from hybridserve.server.core.errors import InvalidInput
@@ -22,6 +28,7 @@ from hybridserve.server.core.spec import ModelSpec
 
 Item = torch.Tensor | tuple[torch.Tensor, ...]
 Output = torch.Tensor | tuple[torch.Tensor, ...]
+OPTION_FIELDS = ("top_k", "score_threshold", "max_detections", "format")
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ class TaskHandler(ABC):
 
     @abstractmethod
     def postprocess(self, prepared: Prepared, outputs: list[Output]) -> Any:
-        """Turn this request's item outputs into its typed result."""
+        """Turn this request's item outputs into its neutral output (see the task's ``Task``)."""
 
     # ------------------------------------------------------------ batched
 
@@ -170,3 +177,82 @@ def _select(result: Output, position: int) -> Output:
     if isinstance(result, (tuple, list)):
         return tuple(part[position].detach().float().cpu() for part in result)
     return result[position].detach().float().cpu()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One Open Inference Protocol tensor of a model's metadata; -1 marks a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Binary:
+    """A result sent as bytes (an image) rather than JSON, when the client does not ask for JSON."""
+
+    data: bytes
+    media_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Task:
+    """The declaration of one task; each task module defines a subclass and ``TASK``, its instance.
+
+    ``output`` below is what the task's handler's ``postprocess`` returns; ``options`` the
+    request's ``Options``. Defaults cover the common case; a task overrides what differs.
+    """
+
+    name: ClassVar[str]
+    verb: ClassVar[str]
+    handler: ClassVar[type[TaskHandler]]
+    result: ClassVar[type[BaseModel]]  # the typed result (a client schema); also names the proto message
+    options: ClassVar[tuple[str, ...]] = ()  # the ``Options`` fields the task reads
+    tiled: ClassVar[bool] = False  # serves any image size in tiles (no fixed input size)
+    binary_types: ClassVar[tuple[str, ...]] = ()  # media types ``binary`` can answer with over HTTP
+    binary_by_default: ClassVar[bool] = False  # bytes unless JSON is asked for; else bytes only when asked
+
+    def check(self, spec: ModelSpec) -> None:
+        """Raise ``ValueError`` where ``spec`` does not fit the task."""
+        if not self.tiled and spec.preprocessing.input_size is None:
+            raise ValueError(f"a {self.name} model needs preprocessing.input_size")
+
+    def typed(self, spec: ModelSpec, output: Any, options: Options) -> BaseModel:
+        """The typed result (JSON over HTTP, the proto mirror over gRPC)."""
+        raise NotImplementedError
+
+    def binary(self, spec: ModelSpec, output: Any, options: Options) -> Binary | None:
+        """The result as bytes for HTTP clients that do not ask for JSON; None: always JSON."""
+        return None
+
+    def grpc_options(self, request: Any) -> dict[str, Any]:
+        """Option values of a typed-gRPC request (its optional fields named like the options)."""
+        return {name: getattr(request, name) for name in self.options if request.HasField(name)}
+
+    def grpc_message(self, spec: ModelSpec, output: Any, options: Options, messages: Any) -> Any:
+        """The typed-gRPC response: by default the typed result's proto mirror (same field names)."""
+        typed = self.typed(spec, output, options)
+        return json_format.ParseDict(typed.model_dump(mode="json"), getattr(messages, self.result.__name__)())
+
+    @property
+    def grpc_method(self) -> str:
+        return self.verb.capitalize()
+
+    def oip_outputs(self, spec: ModelSpec) -> tuple[TensorSpec, ...]:
+        raise NotImplementedError
+
+    def oip_tensors(self, spec: ModelSpec, outputs: list[Any], wanted: list[str],
+                    options: Options) -> dict[str, tuple[str, np.ndarray]]:
+        """Output tensors of a batch of images, as ``name -> (datatype, array)`` with N first."""
+        raise NotImplementedError
+
+
+def label_of(spec: ModelSpec, index: int) -> str:
+    return spec.labels[index] if 0 <= index < len(spec.labels) else str(index)
+
+
+def object_array(elements: list, shape: tuple[int, ...] | list[int]) -> np.ndarray:
+    array = np.empty(len(elements), dtype=object)
+    array[:] = elements
+    return array.reshape(shape)

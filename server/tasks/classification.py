@@ -1,15 +1,34 @@
-"""Classification: resize to the model's input, batched logits, top-k labels with softmax scores."""
+"""Classification: resize to the model's input, batched logits, class probabilities; top-k in the result."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from hybridserve_client.schemas import ClassificationResult, ClassPrediction
-from hybridserve.server.tasks.base import Options, Output, Prepared, TaskHandler
 from hybridserve.server.core.images import resize_for_model
+from hybridserve.server.core.spec import ModelSpec
+from hybridserve.server.tasks.base import (
+    Options, Output, Prepared, Task, TaskHandler, TensorSpec, label_of, object_array,
+)
 
 DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    """The neutral output: the probability of every class (softmax of the logits)."""
+
+    probabilities: np.ndarray  # float32 [classes]
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and scores of the ``k`` most probable classes, best first."""
+        k = min(k, self.probabilities.size)
+        indices = np.argpartition(-self.probabilities, k - 1)[:k]
+        indices = indices[np.argsort(-self.probabilities[indices], kind="stable")]
+        return indices, self.probabilities[indices]
 
 
 class ClassificationHandler(TaskHandler):
@@ -18,18 +37,46 @@ class ClassificationHandler(TaskHandler):
     def prepare(self, image: np.ndarray, reference: np.ndarray | None, options: Options) -> Prepared:
         pre = self.spec.preprocessing
         resized, _ = resize_for_model(image, pre.input_size, pre.resize)
-        return Prepared(items=[self.to_tensor(resized)], context={"top_k": options.top_k or DEFAULT_TOP_K})
+        return Prepared(items=[self.to_tensor(resized)])
 
-    def postprocess(self, prepared: Prepared, outputs: list[Output]) -> ClassificationResult:
-        logits = outputs[0]
-        probabilities = torch.softmax(logits.float().flatten(), dim=0)
-        k = min(prepared.context["top_k"], probabilities.numel())
-        scores, indices = torch.topk(probabilities, k)
-        labels = self.spec.labels
-        return ClassificationResult(
-            model=self.spec.name,
-            predictions=[
-                ClassPrediction(label=labels[i] if i < len(labels) else str(i), index=i, score=min(1.0, float(s)))
-                for s, i in zip(scores.tolist(), indices.tolist())
-            ],
+    def postprocess(self, prepared: Prepared, outputs: list[Output]) -> ClassScores:
+        probabilities = torch.softmax(outputs[0].float().flatten(), dim=0)
+        return ClassScores(probabilities.numpy().astype(np.float32, copy=False))
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    verb = "classify"
+    handler = ClassificationHandler
+    result = ClassificationResult
+    options = ("top_k",)
+
+    def typed(self, spec: ModelSpec, output: ClassScores, options: Options) -> ClassificationResult:
+        indices, scores = output.top(options.top_k or DEFAULT_TOP_K)
+        return ClassificationResult(model=spec.name, predictions=[
+            ClassPrediction(label=label_of(spec, int(i)), index=int(i), score=min(1.0, float(s)))
+            for i, s in zip(indices, scores)
+        ])
+
+    def oip_outputs(self, spec: ModelSpec) -> tuple[TensorSpec, ...]:
+        return (
+            TensorSpec("probabilities", "FP32", (-1, len(spec.labels) or -1)),
+            TensorSpec("top_k_labels", "BYTES", (-1, -1)),
+            TensorSpec("top_k_scores", "FP32", (-1, -1)),
+            TensorSpec("top_k_indices", "INT64", (-1, -1)),
         )
+
+    def oip_tensors(self, spec: ModelSpec, outputs: list[ClassScores], wanted: list[str],
+                    options: Options) -> dict[str, tuple[str, np.ndarray]]:
+        tops = [output.top(options.top_k or DEFAULT_TOP_K) for output in outputs]
+        indices = np.stack([i for i, _ in tops]).astype(np.int64)
+        labels = [label_of(spec, int(i)).encode() for i in indices.reshape(-1)]
+        return {
+            "probabilities": ("FP32", np.stack([output.probabilities for output in outputs])),
+            "top_k_labels": ("BYTES", object_array(labels, indices.shape)),
+            "top_k_scores": ("FP32", np.stack([s for _, s in tops]).astype(np.float32)),
+            "top_k_indices": ("INT64", indices),
+        }
+
+
+TASK = ClassificationTask()

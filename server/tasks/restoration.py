@@ -9,23 +9,39 @@ is cropped from the output.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybridserve_client.results import RestoredImage as EncodedRestoredImage
-from hybridserve.server.tasks.base import Options, Output, Prepared, TaskHandler
+from hybridserve_client.schemas import RestorationResult
+from hybridserve.server.core.errors import InvalidInput
 from hybridserve.server.core.images import encode_image
+from hybridserve.server.core.spec import ModelSpec
+from hybridserve.server.tasks.base import (
+    Binary, Options, Output, Prepared, Task, TaskHandler, TensorSpec, object_array,
+)
 
 
-@dataclass(frozen=True, repr=False)
-class RestoredImage(EncodedRestoredImage):
-    """The client's ``RestoredImage`` (encoded bytes, ``to_schema``) plus the decoded pixels, which
-    the Open Inference Protocol returns as a UINT8 tensor without decoding the bytes again."""
+@dataclass(frozen=True)
+class Pixels:
+    """The neutral output: the restored image as uint8 (H, W, C); transports encode it."""
 
-    pixels: np.ndarray
+    array: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.array.shape[1]
+
+    def encoded(self, options: Options) -> tuple[str, bytes]:
+        fmt = options.format or "png"
+        return fmt, encode_image(self.array, fmt)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -65,8 +81,8 @@ class RestorationHandler(TaskHandler):
                 boxes.append((y, x, h, w))
         return Prepared(
             items=items,
-            context={"boxes": boxes, "height": height, "width": width, "format": options.format or "png",
-                     "overlap": pre.tile_overlap, "ys": ys, "xs": xs},
+            context={"boxes": boxes, "height": height, "width": width, "overlap": pre.tile_overlap,
+                     "ys": ys, "xs": xs},
         )
 
     def _pad(self, tile: torch.Tensor) -> torch.Tensor:
@@ -79,7 +95,7 @@ class RestorationHandler(TaskHandler):
         tile = F.pad(tile[None], (0, reflect_w, 0, reflect_h), mode="reflect")
         return F.pad(tile, (0, pad_w - reflect_w, 0, pad_h - reflect_h), mode="replicate")[0]
 
-    def postprocess(self, prepared: Prepared, outputs: list[Output]) -> RestoredImage:
+    def postprocess(self, prepared: Prepared, outputs: list[Output]) -> Pixels:
         ctx = prepared.context
         scale = self.loaded.scale
         channels = outputs[0].shape[0]
@@ -101,6 +117,56 @@ class RestorationHandler(TaskHandler):
                 merged[:, y:y + h, x:x + w] += out[:, :h, :w] * weight
                 total[:, y:y + h, x:x + w] += weight
             merged = merged / total
-        pixels = merged.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-        fmt = ctx["format"]
-        return RestoredImage(self.spec.name, width, height, fmt, encode_image(pixels, fmt), pixels)
+        return Pixels(merged.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
+
+
+class RestorationTask(Task):
+    name = "restoration"
+    verb = "restore"
+    handler = RestorationHandler
+    result = RestorationResult
+    binary_types = ("image/png", "image/jpeg", "image/webp")
+    binary_by_default = True
+    options = ("format",)
+    tiled = True
+
+    def check(self, spec: ModelSpec) -> None:
+        if spec.restoration is None:
+            raise ValueError("a restoration model needs a restoration section")
+
+    def typed(self, spec: ModelSpec, output: Pixels, options: Options) -> RestorationResult:
+        fmt, data = output.encoded(options)
+        return RestorationResult(model=spec.name, width=output.width, height=output.height, format=fmt,
+                                 image=base64.b64encode(data).decode("ascii"))
+
+    def binary(self, spec: ModelSpec, output: Pixels, options: Options) -> Binary:
+        fmt, data = output.encoded(options)
+        return Binary(data, f"image/{fmt}", {"X-Image-Width": str(output.width), "X-Image-Height": str(output.height)})
+
+    def grpc_message(self, spec: ModelSpec, output: Pixels, options: Options, messages):
+        fmt, data = output.encoded(options)
+        return messages.RestorationResult(model=spec.name, width=output.width, height=output.height, format=fmt,
+                                          image=data)
+
+    def oip_outputs(self, spec: ModelSpec) -> tuple[TensorSpec, ...]:
+        channels = 1 if spec.preprocessing.color == "gray" else 3
+        return (TensorSpec("restored_image", "UINT8", (-1, -1, -1, channels)),
+                TensorSpec("restored_encoded", "BYTES", (-1,)))
+
+    def oip_tensors(self, spec: ModelSpec, outputs: list[Pixels], wanted: list[str],
+                    options: Options) -> dict[str, tuple[str, np.ndarray]]:
+        tensors = {}
+        if "restored_encoded" in wanted:
+            encoded = [output.encoded(options)[1] for output in outputs]
+            tensors["restored_encoded"] = ("BYTES", object_array(encoded, (len(outputs),)))
+        if "restored_image" in wanted:
+            if len({output.array.shape for output in outputs}) > 1:
+                raise InvalidInput(
+                    "the images restore to different sizes, which one UINT8 tensor cannot hold: request only the "
+                    "output 'restored_encoded', or send same-size images"
+                )
+            tensors["restored_image"] = ("UINT8", np.stack([output.array for output in outputs]))
+        return tensors
+
+
+TASK = RestorationTask()

@@ -25,7 +25,7 @@ from hybridserve.server.observability import metrics
 from hybridserve.server.transports import oip
 from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.core.errors import InvalidInput, as_hybridserve_error
-from hybridserve.server.tasks import InferenceRequest, Options
+from hybridserve.server.tasks import TASKS, InferenceRequest, Task
 from hybridserve.server.transports.http_api import HTTPSettings
 from hybridserve.server.transports.auth import AuthPolicy
 
@@ -202,42 +202,27 @@ def _message(result: Any, message_type: type):
     return json_format.ParseDict(result.model_dump(mode="json"), message_type())
 
 
+def _task_rpc(task: Task):
+    """The typed RPC of ``task`` (``Classify``, ``Detect``...): request message -> task -> proto result."""
+
+    async def call(self, request, grpc_context=None):
+        options = oip.options_from(task.grpc_options(request))
+        reference = request.reference if "reference" in request.DESCRIPTOR.fields_by_name \
+            and request.HasField("reference") else None
+        inference = InferenceRequest(request.image, reference, options)
+        outcome = await self.plane.infer(request.model, task.verb, inference, request_timeout(grpc_context))
+        metrics.note_outcomes([outcome])
+        spec = self.plane.endpoint(request.model).spec
+        return task.grpc_message(spec, outcome.result, options, v1)
+
+    call.__name__ = call.__qualname__ = task.grpc_method
+    return _rpc(getattr(v1, task.result.__name__), api="grpc")(call)
+
+
 class TaskServicerMixin:
-    """``hybridserve.v1.HybridServe`` over ``self.plane``."""
+    """``hybridserve.v1.HybridServe`` over ``self.plane``: one RPC per task of the registry."""
 
     plane: DataPlane
-
-    async def _infer(self, request, verb: str, options: Options, context, reference: bytes | None = None):
-        inference = InferenceRequest(request.image, reference, options)
-        outcome = await self.plane.infer(request.model, verb, inference, request_timeout(context))
-        metrics.note_outcomes([outcome])
-        return outcome.result
-
-    @_rpc(v1.ClassificationResult, api="grpc")
-    async def Classify(self, request, grpc_context=None):
-        options = oip.options_from({"top_k": request.top_k if request.HasField("top_k") else None})
-        return _message(await self._infer(request, "classify", options, grpc_context), v1.ClassificationResult)
-
-    @_rpc(v1.DetectionResult, api="grpc")
-    async def Detect(self, request, grpc_context=None):
-        options = oip.options_from({
-            "score_threshold": request.score_threshold if request.HasField("score_threshold") else None,
-            "max_detections": request.max_detections if request.HasField("max_detections") else None,
-        })
-        return _message(await self._infer(request, "detect", options, grpc_context), v1.DetectionResult)
-
-    @_rpc(v1.RestorationResult, api="grpc")
-    async def Restore(self, request, grpc_context=None):
-        options = oip.options_from({"format": request.format if request.HasField("format") else None})
-        restored = await self._infer(request, "restore", options, grpc_context)
-        return v1.RestorationResult(model=restored.model, width=restored.width, height=restored.height,
-                                    format=restored.format, image=restored.data)
-
-    @_rpc(v1.AssessmentResult, api="grpc")
-    async def Assess(self, request, grpc_context=None):
-        reference = request.reference if request.HasField("reference") else None
-        result = await self._infer(request, "assess", Options(), grpc_context, reference)
-        return _message(result, v1.AssessmentResult)
 
     @_rpc(v1.ModelList)
     async def ListModels(self, request, grpc_context=None):
@@ -246,3 +231,7 @@ class TaskServicerMixin:
     @_rpc(v1.ModelInfo)
     async def GetModel(self, request, grpc_context=None):
         return _message(await self.plane.model_info(request.name), v1.ModelInfo)
+
+
+for _task in TASKS.values():
+    setattr(TaskServicerMixin, _task.grpc_method, _task_rpc(_task))

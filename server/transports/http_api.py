@@ -25,18 +25,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from hybridserve_client.schemas import (
-    TASK_VERBS,
-    AssessmentResult,
-    ClassificationResult,
-    DetectionResult,
-    ErrorResponse,
-    Health,
-    ImageRequest,
-    ModelInfo,
-    ModelList,
-    RestorationResult,
-)
+from hybridserve_client.schemas import ErrorResponse, Health, ImageRequest, ModelInfo, ModelList
 from hybridserve.server.observability import metrics
 from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.core.errors import (
@@ -47,19 +36,13 @@ from hybridserve.server.core.errors import (
     UnsupportedMediaType,
     as_hybridserve_error,
 )
-from hybridserve.server.tasks import InferenceRequest, Options, RestoredImage
+from hybridserve.server.tasks import TASKS, InferenceRequest, Options, Task
 from hybridserve.server.observability.logs import RequestIdMiddleware, new_request_id, request_id_from
 from hybridserve.server.transports.auth import AuthMiddleware, AuthPolicy
 
 log = logging.getLogger("hybridserve.http")
 
 ERROR_RESPONSES: dict = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
-RESULT_MODELS = {
-    "classify": ClassificationResult,
-    "detect": DetectionResult,
-    "restore": RestorationResult,
-    "assess": AssessmentResult,
-}
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "image/gif", "application/octet-stream")
 
 
@@ -243,13 +226,15 @@ def _accepts_json(request: Request) -> bool:
     return "application/json" in accept and "image/" not in accept
 
 
-def _result_response(result: Any, request: Request, headers: dict[str, str]) -> Response:
-    if isinstance(result, RestoredImage):
-        headers.update({"X-Image-Width": str(result.width), "X-Image-Height": str(result.height)})
-        if not _accepts_json(request):
-            return Response(result.data, media_type=f"image/{result.format}", headers=headers)
-        result = result.to_schema()
-    return Response(result.model_dump_json(), media_type="application/json", headers=headers)
+def _result_response(task: Task, spec, parsed: InferenceRequest, output: Any, request: Request,
+                     headers: dict[str, str]) -> Response:
+    if not _accepts_json(request):
+        binary = task.binary(spec, output, parsed.options)
+        if binary is not None and (task.binary_by_default or binary.media_type in request.headers.get("accept", "")):
+            headers.update(binary.headers)
+            return Response(binary.data, media_type=binary.media_type, headers=headers)
+    typed = task.typed(spec, output, parsed.options)
+    return Response(typed.model_dump_json(), media_type="application/json", headers=headers)
 
 
 def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -> FastAPI:
@@ -315,7 +300,9 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
         headers = {"X-Batch-Size": str(outcome.batch_size), "Server-Timing": timing}
         if settings.echo_request_id:
             headers["X-Request-ID"] = request_id
-        return seen.answered(_result_response(outcome.result, request, headers), [outcome])
+        spec = plane.endpoint(name).spec
+        response = _result_response(TASKS[spec.task], spec, parsed, outcome.result, request, headers)
+        return seen.answered(response, [outcome])
 
     body_doc = {
         "requestBody": {
@@ -329,8 +316,8 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
             },
         }
     }
-    for task, verb in TASK_VERBS.items():
-        _add_infer_route(app, infer, verb, task, body_doc)
+    for task in TASKS.values():
+        _add_infer_route(app, infer, task, body_doc)
 
     @app.get("/v1/models", response_model=ModelList, tags=["models"], summary="List the served models",
              responses=ERROR_RESPONSES)
@@ -369,16 +356,17 @@ def query_options(
     return Options(top_k, score_threshold, max_detections, format)
 
 
-def _add_infer_route(app: FastAPI, infer, verb: str, task: str, doc: dict) -> None:
-    responses: dict = {**ERROR_RESPONSES, 200: {"model": RESULT_MODELS[verb]}}
-    if verb == "restore":
-        responses[200]["content"] = {"image/png": {}, "image/jpeg": {}, "image/webp": {}}
+def _add_infer_route(app: FastAPI, infer, task: Task, doc: dict) -> None:
+    verb = task.verb
+    responses: dict = {**ERROR_RESPONSES, 200: {"model": task.result}}
+    if task.binary_types:
+        responses[200]["content"] = {media_type: {} for media_type in task.binary_types}
 
     async def endpoint(request: Request, name: str, options: Options = Depends(query_options)) -> Response:
         return await infer(request, name, verb, options)
 
     app.add_api_route(f"/v1/models/{{name}}/{verb}", endpoint, methods=["POST"], tags=["inference"],
-                      summary=f"{verb.capitalize()} an image ({task} models)", responses=responses,
+                      summary=f"{verb.capitalize()} an image ({task.name} models)", responses=responses,
                       openapi_extra=doc, response_model=None)
 
 

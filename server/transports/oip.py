@@ -7,9 +7,8 @@ tensors by task (see ``model_metadata``):
 * inputs: ``image`` (BYTES ``[N]`` or ``[N, 1]``: encoded JPEG/PNG/... files, base64 strings in
   JSON) or ``image_pixels`` (UINT8 ``[N, H, W, 3]``); full-reference IQA models also take
   ``reference`` or ``reference_pixels`` of the same forms.
-* outputs: classification ``probabilities``, ``top_k_labels``, ``top_k_scores``, ``top_k_indices``;
-  detection ``boxes``, ``scores``, ``labels`` (-1 pads), ``label_names``, ``count``; restoration
-  ``restored_image`` (UINT8) and ``restored_encoded`` (BYTES); IQA ``score``.
+* outputs: declared by each task (``Task.oip_outputs``; docs/protocols.md lists them), built from
+  the neutral outputs of a batch of images by ``Task.oip_tensors``.
 
 Request parameters ``top_k``, ``score_threshold``, ``max_detections`` and ``format`` map to the task
 options, ``timeout`` (microseconds, as tritonclient sends it) to the deadline. Each of the N images
@@ -31,26 +30,19 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from hybridserve_client.schemas import (
-    AssessmentResult,
-    ClassificationResult,
-    DetectionResult,
-    ImageRequest,
-)
+from hybridserve_client.schemas import ImageRequest
 from hybridserve.server.observability import metrics
 from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.core.errors import InvalidInput, ModelNotFound
-from hybridserve.server.tasks import InferenceRequest, Options, RestoredImage
-from hybridserve.server.tasks.classification import DEFAULT_TOP_K
 from hybridserve.server.core.spec import ModelSpec
+from hybridserve.server.tasks import TASKS, InferenceRequest, Options, TensorSpec
+from hybridserve.server.tasks.base import OPTION_FIELDS, object_array
 
 SERVER_NAME = "hybridserve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ("binary_tensor_data", "parameters")
 MODEL_VERSION = "1"
 MAX_IMAGES_PER_REQUEST = 256
-# Asking the classifier for this many classes returns all of them (it caps at the class count).
-ALL_CLASSES = 1 << 30
 
 NUMERIC_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -68,15 +60,7 @@ NUMERIC_DTYPES: dict[str, np.dtype] = {
 }
 DATATYPES = (*NUMERIC_DTYPES, "BYTES")
 # BYTES tensors whose elements are binary files, hence base64 strings in JSON.
-ENCODED_IMAGE_TENSORS = frozenset({"image", "reference", "restored_encoded"})
-OPTION_PARAMETERS = ("top_k", "score_threshold", "max_detections", "format")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 marks a variable dimension
+ENCODED_IMAGE_TENSORS = frozenset({"image", "reference", "restored_encoded", "mask_encoded"})
 
 
 @dataclass(frozen=True)
@@ -125,27 +109,7 @@ def _image_inputs(prefix: str) -> tuple[TensorSpec, ...]:
 
 def model_metadata(spec: ModelSpec) -> ModelMetadata:
     inputs = _image_inputs("image") + (_image_inputs("reference") if spec.needs_reference else ())
-    classes = len(spec.labels) or -1
-    outputs = {
-        "classification": (
-            TensorSpec("probabilities", "FP32", (-1, classes)),
-            TensorSpec("top_k_labels", "BYTES", (-1, -1)),
-            TensorSpec("top_k_scores", "FP32", (-1, -1)),
-            TensorSpec("top_k_indices", "INT64", (-1, -1)),
-        ),
-        "detection": (
-            TensorSpec("boxes", "FP32", (-1, -1, 4)),
-            TensorSpec("scores", "FP32", (-1, -1)),
-            TensorSpec("labels", "INT64", (-1, -1)),
-            TensorSpec("label_names", "BYTES", (-1, -1)),
-            TensorSpec("count", "INT64", (-1,)),
-        ),
-        "restoration": (
-            TensorSpec("restored_image", "UINT8", (-1, -1, -1, 1 if spec.preprocessing.color == "gray" else 3)),
-            TensorSpec("restored_encoded", "BYTES", (-1,)),
-        ),
-        "iqa": (TensorSpec("score", "FP32", (-1,)),),
-    }[spec.task]
+    outputs = TASKS[spec.task].oip_outputs(spec)
     return ModelMetadata(spec.name, (MODEL_VERSION,), f"hybridserve-{spec.task}", inputs, outputs)
 
 
@@ -176,7 +140,7 @@ def tensor_from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) 
         elements = _split_bytes(name, raw)
         if len(elements) != count:
             raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {count} BYTES elements, got {len(elements)}")
-        return Tensor(name, datatype, list(shape), _object_array(elements, shape))
+        return Tensor(name, datatype, list(shape), object_array(elements, shape))
     dtype = NUMERIC_DTYPES[datatype]
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(
@@ -193,7 +157,7 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
         elements = list(_flatten(values))
         if not all(isinstance(e, (bytes, str)) for e in elements):
             raise InvalidInput(f"input {name!r}: BYTES elements must be strings")
-        array = _object_array(elements, (len(elements),))
+        array = object_array(elements, (len(elements),))
     else:
         try:
             array = np.asarray(values, dtype=NUMERIC_DTYPES[datatype]).reshape(-1)
@@ -242,18 +206,12 @@ def _flatten(values: Any):
         yield values
 
 
-def _object_array(elements: list, shape: Sequence[int]) -> np.ndarray:
-    array = np.empty(len(elements), dtype=object)
-    array[:] = elements
-    return array.reshape(shape)
-
-
 # ------------------------------------------------------------------ parameters
 
 
 def options_from(values: Mapping[str, Any]) -> Options:
     """Task options from request parameters, validated by the same rules as the typed HTTP API."""
-    given = {key: values[key] for key in OPTION_PARAMETERS if values.get(key) is not None}
+    given = {key: values[key] for key in OPTION_FIELDS if values.get(key) is not None}
     try:
         checked = ImageRequest.model_validate({"image": "", **given})
     except ValidationError as exc:
@@ -289,17 +247,16 @@ async def infer(plane: DataPlane, call: InferCall, default_timeout_s: float) -> 
     references = _images(inputs, "reference") if spec.needs_reference else [None] * len(images)
     if len(references) != len(images):
         raise InvalidInput(f"{len(images)} images but {len(references)} references: send one reference per image")
-    requested = options_from(call.parameters)
+    options = options_from(call.parameters)
     timeout_s = timeout_from(call.parameters, default_timeout_s)
-    every_class = spec.task == "classification" and "probabilities" in wanted
-    options = Options(top_k=ALL_CLASSES) if every_class else requested
     outcomes = await asyncio.gather(*(
         plane.infer(spec.name, None, InferenceRequest(image, reference, options), timeout_s)
         for image, reference in zip(images, references)
     ))
     metrics.note_outcomes(outcomes)
-    tensors = _OUTPUT_BUILDERS[spec.task](spec, [outcome.result for outcome in outcomes], wanted, requested)
-    return InferAnswer(spec.name, MODEL_VERSION, call.id, [tensors[name] for name in wanted])
+    built = TASKS[spec.task].oip_tensors(spec, [outcome.result for outcome in outcomes], wanted, options)
+    tensors = [Tensor(name, built[name][0], list(built[name][1].shape), built[name][1]) for name in wanted]
+    return InferAnswer(spec.name, MODEL_VERSION, call.id, tensors)
 
 
 def _wanted_outputs(metadata: ModelMetadata, requested: list[str] | None) -> list[str]:
@@ -363,83 +320,3 @@ def _image_bytes(name: str, element: bytes | str) -> bytes:
         return base64.b64decode(element, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput(f"input {name!r}: in JSON, encoded images are base64 strings") from None
-
-
-# ------------------------------------------------------------------ outputs by task
-
-
-def _tensor(name: str, datatype: str, array: np.ndarray) -> Tensor:
-    return Tensor(name, datatype, list(array.shape), array)
-
-
-def _classification(spec: ModelSpec, results: list[ClassificationResult], wanted: list[str],
-                    requested: Options) -> dict[str, Tensor]:
-    top = [result.predictions[:requested.top_k or DEFAULT_TOP_K] for result in results]
-    n, k = len(results), len(top[0])
-    labels, scores = np.empty((n, k), dtype=object), np.zeros((n, k), dtype=np.float32)
-    indices = np.zeros((n, k), dtype=np.int64)
-    for row, predictions in enumerate(top):
-        for column, prediction in enumerate(predictions):
-            labels[row, column] = prediction.label.encode()
-            scores[row, column], indices[row, column] = prediction.score, prediction.index
-    tensors = {
-        "top_k_labels": _tensor("top_k_labels", "BYTES", labels),
-        "top_k_scores": _tensor("top_k_scores", "FP32", scores),
-        "top_k_indices": _tensor("top_k_indices", "INT64", indices),
-    }
-    if "probabilities" in wanted:
-        classes = max(len(spec.labels), max(p.index for r in results for p in r.predictions) + 1)
-        probabilities = np.zeros((n, classes), dtype=np.float32)
-        for row, result in enumerate(results):
-            for prediction in result.predictions:
-                probabilities[row, prediction.index] = prediction.score
-        tensors["probabilities"] = _tensor("probabilities", "FP32", probabilities)
-    return tensors
-
-
-def _detection(spec: ModelSpec, results: list[DetectionResult], wanted: list[str],
-               requested: Options) -> dict[str, Tensor]:
-    """Detections padded to the most any image has: zero boxes and scores, label -1, name b""."""
-    n, k = len(results), max(len(r.detections) for r in results)
-    boxes, scores = np.zeros((n, k, 4), dtype=np.float32), np.zeros((n, k), dtype=np.float32)
-    labels, names = np.full((n, k), -1, dtype=np.int64), np.full((n, k), b"", dtype=object)
-    for row, result in enumerate(results):
-        for column, detection in enumerate(result.detections):
-            boxes[row, column], scores[row, column] = detection.box, detection.score
-            labels[row, column], names[row, column] = detection.index, detection.label.encode()
-    counts = np.array([len(r.detections) for r in results], dtype=np.int64)
-    return {
-        "boxes": _tensor("boxes", "FP32", boxes),
-        "scores": _tensor("scores", "FP32", scores),
-        "labels": _tensor("labels", "INT64", labels),
-        "label_names": _tensor("label_names", "BYTES", names),
-        "count": _tensor("count", "INT64", counts),
-    }
-
-
-def _restoration(spec: ModelSpec, results: list[RestoredImage], wanted: list[str],
-                 requested: Options) -> dict[str, Tensor]:
-    encoded = _object_array([r.data for r in results], [len(results)])
-    tensors = {"restored_encoded": _tensor("restored_encoded", "BYTES", encoded)}
-    if "restored_image" in wanted:
-        shapes = {r.pixels.shape for r in results}
-        if len(shapes) > 1:
-            raise InvalidInput(
-                "the images restore to different sizes, which one UINT8 tensor cannot hold: request only the "
-                "output 'restored_encoded', or send same-size images"
-            )
-        pixels = np.stack([r.pixels for r in results])
-        tensors["restored_image"] = _tensor("restored_image", "UINT8", pixels)
-    return tensors
-
-
-def _iqa(spec: ModelSpec, results: list[AssessmentResult], wanted: list[str], requested: Options) -> dict[str, Tensor]:
-    return {"score": _tensor("score", "FP32", np.array([r.score for r in results], dtype=np.float32))}
-
-
-_OUTPUT_BUILDERS = {
-    "classification": _classification,
-    "detection": _detection,
-    "restoration": _restoration,
-    "iqa": _iqa,
-}

@@ -120,7 +120,7 @@ async def served(w: Workload, folder: Path, seconds: float) -> list[dict]:
     repository = write_repository(folder / f"{w.name}-repo", [batched, single])
     port = free_port()
     server = ServerProcess("hybridserve-gpu", [sys.executable, "-m", "hybridserve.server.cli.main", "serve", "--no-ray",
-                                               "--host", "127.0.0.1", "--port", str(port), "--repository",
+                                               "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0", "--repository",
                                                str(repository)],
                            f"http://127.0.0.1:{port}/readyz", folder / f"{w.name}-server.log")
     server.start()

@@ -102,7 +102,7 @@ def server(test_repository) -> Server:
     import ray
     from ray import serve
 
-    from hybridserve.server.cli.main import grpc_servicers, local_serve_env
+    from hybridserve.server.cli.serve import grpc_servicers, local_serve_env
     from hybridserve.server.rayserve.app import APP_NAME, AppArgs, app
     from hybridserve.server.repository import load_repository
 
@@ -143,17 +143,18 @@ def server(test_repository) -> Server:
 
 
 class LocalServer:
-    """``hybridserve serve --no-ray`` in a subprocess on a free loopback port (real HTTP, no Ray)."""
+    """``hybridserve serve --no-ray`` in a subprocess on free loopback ports (real HTTP and gRPC, no Ray)."""
 
     def __init__(self, repository: Path, env: dict[str, str] | None = None):
         import subprocess
         import sys
 
-        self.port = free_port()
+        self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hybridserve.server.cli.main", "serve", "--no-ray", "--host", "127.0.0.1",
-             "--port", str(self.port), "--repository", str(repository)],
+             "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--repository", str(repository)],
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

@@ -1,5 +1,6 @@
 """The client SDK end to end on the session's real server: every task, input type and error,
-over HTTP and gRPC, with the blocking ``Client`` and the asyncio ``AsyncClient``.
+and the per-call timeout, over HTTP and gRPC, with the blocking ``Client`` and the asyncio
+``AsyncClient``.
 
 One test body serves all four: ``AsyncClient`` is driven through ``Driven``, which runs each
 awaited call to completion on a private event loop.
@@ -26,6 +27,7 @@ from hybridserve_client import (
     ModelNotFound,
     PayloadTooLarge,
     RestoredImage,
+    SegmentationResult,
     Timeout,
     UnprocessableImage,
     UnsupportedMediaType,
@@ -203,6 +205,55 @@ def test_assess_no_reference(api, server):
     assert result.kind == "no-reference" and result.range[0] <= result.score <= result.range[1]
 
 
+def test_segment_held_out_scenes(api, server):
+    server.need("segmenter")
+    from hybridserve.models.training.segscenes import held_out_segmentation_scenes
+
+    scenes = held_out_segmentation_scenes(4)
+    results = api.segment("segmenter", [scene.scene.image for scene in scenes])
+    labels = list(server.specs["segmenter"].labels)
+    right = total = 0
+    for scene, result in zip(scenes, results, strict=True):
+        assert isinstance(result, SegmentationResult) and result.labels == labels
+        mask = result.mask_array()
+        assert mask.dtype == np.uint8 and mask.shape == scene.class_map.shape == (result.height, result.width)
+        counts = np.bincount(mask.reshape(-1), minlength=len(labels))
+        assert [c.index for c in result.classes] == [i for i in np.argsort(-counts, kind="stable") if counts[i]]
+        for found in result.classes:
+            assert found.label == labels[found.index] and found.pixels == counts[found.index]
+            assert found.fraction == pytest.approx(found.pixels / mask.size)
+        assert Image.open(io.BytesIO(result.mask_png())).mode == "L"
+        right += int((mask == scene.class_map).sum())
+        total += mask.size
+    assert right / total >= 0.95, f"pixel accuracy {right / total:.3f} on held-out scenes (model card: 0.988)"
+
+
+def held_out_scene(width: int, height: int) -> np.ndarray:
+    """The first held-out segmentation scene, resized to width x height (RGB uint8)."""
+    from hybridserve.models.training.segscenes import held_out_segmentation_scenes
+
+    image = Image.fromarray(held_out_segmentation_scenes(1)[0].scene.image)
+    return np.asarray(image.resize((width, height), Image.BILINEAR))
+
+
+def test_segment_mask_is_the_input_size(api, server):
+    server.need("segmenter")
+    result = api.segment("segmenter", held_out_scene(100, 72))
+    assert (result.width, result.height) == (100, 72) and result.mask_array().shape == (72, 100)
+    assert sum(c.pixels for c in result.classes) == 72 * 100
+
+
+def test_a_per_call_timeout_overrides_the_clients(api, server):
+    server.need("segmenter")
+    scene = held_out_scene(128, 128)
+    with pytest.raises(Timeout):
+        api.segment("segmenter", scene, timeout=0.001)  # the client's own timeout is 120 s
+    assert isinstance(api.segment("segmenter", scene), SegmentationResult)
+    assert isinstance(api.segment("segmenter", scene, timeout=None), SegmentationResult)
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        api.segment("segmenter", scene, timeout=-1)
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -216,6 +267,7 @@ def decompression_bomb() -> bytes:
 ERROR_CASES = {
     "unknown model": (lambda api, img: api.classify("no-such-model", img), ModelNotFound),
     "wrong task": (lambda api, img: api.restore("timm-convnext", img), WrongTask),
+    "segment a classifier": (lambda api, img: api.segment("timm-convnext", img), WrongTask),
     "bad option": (lambda api, img: api.classify("timm-convnext", img, top_k=0), InvalidInput),
     "missing reference": (lambda api, img: api.assess("psnr", img), InvalidInput),
     "empty image": (lambda api, img: api.classify("timm-convnext", b""), UnprocessableImage),

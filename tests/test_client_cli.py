@@ -63,6 +63,24 @@ def test_assess_with_reference(server, capsys):
     assert -1.0 <= float(out.split(": ")[1].split()[0]) <= 1.0
 
 
+def test_segment_prints_the_classes_and_writes_the_mask(server, tmp_path, capsys):
+    server.need("segmenter")
+    from hybridserve.models.training.segscenes import held_out_segmentation_scenes
+
+    scene = held_out_segmentation_scenes(1)[0]
+    path, out = tmp_path / "scene.png", tmp_path / "mask.png"
+    Image.fromarray(scene.scene.image).save(path)
+    assert main(["segment", server.http_url, "segmenter", str(path), "-o", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{path}  (segmenter, 128x128):"
+    assert lines[1].split()[1] == "background", "most pixels first"
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (128, 128) and (mask == scene.class_map).mean() >= 0.95
+    assert main(["segment", server.http_url, "segmenter", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "mask" not in result and result["labels"] == ["background", "circle", "square", "triangle"]
+
+
 def test_models_and_health(server, capsys):
     assert main(["models", server.http_url]) == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]}
@@ -125,7 +143,7 @@ def test_docs_example_runs_as_written(server, tmp_path):
     """The complete example of docs/client.md, with only its URL pointed at the session's server."""
     docs = Path(__file__).resolve().parents[1] / "docs" / "client.md"
     example = docs.read_text().split("```python\n", 1)[1].split("```", 1)[0]
-    for model in ("classifier", "psnr", "detector", "super-resolution-x2"):
+    for model in ("classifier", "psnr", "detector", "super-resolution-x2", "segmenter"):
         server.need(model)
     assert 'URL = "http://localhost:8000"' in example
     script = tmp_path / "example.py"
@@ -134,6 +152,7 @@ def test_docs_example_runs_as_written(server, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ready: True" in run.stdout and "digit: 7" in run.stdout and "error: model_not_found 404" in run.stdout
     assert (tmp_path / "detections.png").exists() and Image.open(tmp_path / "restored.png").size == (256, 192)
+    assert "segments: ['" in run.stdout and "mask (96, 128)" in run.stdout
 
 
 def test_readme_example_runs_as_written(server, tmp_path):

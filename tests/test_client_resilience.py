@@ -170,6 +170,34 @@ def test_client_timeout_raises_timeout_without_retrying(scripted, image):
     assert hits[0][1]["x-request-timeout"] == "0.2", "the server is told the same deadline"
 
 
+def test_a_per_call_timeout_overrides_the_clients(scripted, image):
+    with Client(scripted.url, timeout=30, retries=0) as client:
+        client.classify("deadline-default", image)
+        client.classify("deadline-call", image, timeout=5)
+        client.classify("deadline-none", image, timeout=None)
+        with pytest.raises(Timeout):
+            client.classify("slow-call", image, timeout=0.2)
+        for bad in (0, -1, "5", True):
+            with pytest.raises(ValueError, match="positive number of seconds or None"):
+                client.classify("deadline-bad", image, timeout=bad)
+    sent = {name: scripted.hits[name][0][1] for name in ("deadline-default", "deadline-call", "deadline-none",
+                                                         "slow-call")}
+    assert sent["deadline-default"]["x-request-timeout"] == "30"
+    assert sent["deadline-call"]["x-request-timeout"] == "5"
+    assert "x-request-timeout" not in sent["deadline-none"]
+    assert sent["slow-call"]["x-request-timeout"] == "0.2"
+    assert sent["deadline-default"]["accept"] == "application/json"
+    assert "deadline-bad" not in scripted.hits, "a bad timeout is refused before anything is sent"
+
+
+async def test_async_per_call_timeout(scripted, image):
+    async with AsyncClient(scripted.url, timeout=0.2, retries=0) as client:
+        assert (await client.classify("slow-patient", image, timeout=5)).top1.label == "cat"
+        with pytest.raises(Timeout):
+            await client.classify("slow-impatient", image)
+    assert scripted.hits["slow-patient"][0][1]["x-request-timeout"] == "5"
+
+
 def test_credentials_and_request_id_are_sent(scripted, image):
     with Client(scripted.url, api_key="k-123", token="t-456") as client:
         client.classify("auth-check", image)

@@ -18,9 +18,10 @@ from torch import nn
 
 from hybridserve.models import LoadedModel
 from hybridserve.server.compiler.aot import GilFreeAOTProgram, probe_package
-from hybridserve.server.compiler.compile import (
-    BatchRunner, CompileMismatch, artifact_key, check_against_eager, compile_model, default_buckets,
-    example_batch, max_relative_error,
+from hybridserve.server.compiler.artifacts import artifact_key
+from hybridserve.server.compiler.compile import compile_model
+from hybridserve.server.compiler.runner import (
+    BatchRunner, CompileMismatch, check_against_eager, default_buckets, example_batch, max_relative_error,
 )
 from hybridserve.server.tasks import ClassificationHandler
 from hybridserve.server.core.spec import Batching, Compile, ModelSpec, Preprocessing

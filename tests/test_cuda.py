@@ -20,7 +20,7 @@ from PIL import Image
 
 from hybridserve_client.schemas import ClassificationResult
 
-from hybridserve.server.compiler.compile import max_relative_error
+from hybridserve.server.compiler.runner import max_relative_error
 from hybridserve.server.tasks import TASKS, InferenceRequest, Options
 from hybridserve.server.tasks.restoration import Pixels
 from hybridserve.server.engine.runtime import ModelRuntime

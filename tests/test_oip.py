@@ -38,6 +38,7 @@ OUTPUTS = {
     "detection": ["boxes", "scores", "labels", "label_names", "count"],
     "restoration": ["restored_image", "restored_encoded"],
     "iqa": ["score"],
+    "segmentation": ["mask", "mask_encoded", "class_pixels"],
 }
 NOT_FOUND = {"http": "404", "grpc": "StatusCode.NOT_FOUND"}
 INVALID = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}

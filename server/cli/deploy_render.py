@@ -91,7 +91,7 @@ class Demand:
 
 def cluster_serve_config(options: RenderOptions) -> dict[str, Any]:
     """The Serve config of the repository as the cluster runs it (repository at MODEL_ROOT)."""
-    from hybridserve.server.cli.main import grpc_servicers
+    from hybridserve.server.cli.serve import grpc_servicers
     from hybridserve.server.rayserve.app import serve_config
 
     config = serve_config(str(options.repository), host="0.0.0.0", http_port=HTTP_PORT, grpc_port=GRPC_PORT,

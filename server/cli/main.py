@@ -5,21 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
-import signal
-import socket
 import sys
-import threading
 from pathlib import Path
 
 from hybridserve.server.cli.deploy_render import add_deploy_parser
+from hybridserve.server.cli.serve import grpc_servicers, serve_ray
 from hybridserve.server.evaluation.cli import add_eval_parser
 from hybridserve.server.observability.logs import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging
 from hybridserve.server.core.spec import SpecError
 from hybridserve.server.repository import builtin_repository, load_repository, load_spec
 
 LAYOUTS = ("deployments", "combined")  # ray_app.Layout, without importing Ray here
-GATEWAY_GRPC_PORTS = 32  # gRPC ports a local cluster's gateway replicas may take (Ray's range is 1000)
+DRAIN_GRACE_S = 25.0  # in-flight gRPC calls get this long after SIGTERM (fits Kubernetes' 30 s)
 
 
 def _repository(value: str | None) -> Path:
@@ -76,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     specs = load_repository(repository)  # fail fast, before Ray starts
     if args.no_ray:
         return _serve_local(specs, args)
-    return _serve_ray(str(repository), specs, args)
+    return serve_ray(str(repository), specs, args, _banner)
 
 
 def _banner(args: argparse.Namespace, specs, grpc: bool, metrics_targets: list[str] | None = None) -> None:
@@ -94,103 +91,33 @@ def _banner(args: argparse.Namespace, specs, grpc: bool, metrics_targets: list[s
 
 
 def _serve_local(specs, args: argparse.Namespace) -> int:
+    """HTTP (uvicorn) and gRPC (grpc.aio) in this process over one data plane; SIGTERM drains both."""
+    import asyncio
+
     import uvicorn
 
-    from hybridserve.server.transports.http_api import create_http_app
     from hybridserve.server.engine.local import local_plane
     from hybridserve.server.engine.runtime import configure_threads
+    from hybridserve.server.transports.grpc_server import start_grpc_server
+    from hybridserve.server.transports.http_api import create_http_app
 
-    configure_threads(os.cpu_count() or 1)
+    # Threads follow the specs (device.cpus), never more than the machine has: the batch threads
+    # share one torch pool, and the event loop needs a core of its own on small machines.
+    configure_threads(min(max(spec.device.cpus for spec in specs), os.cpu_count() or 1))
     plane = local_plane(specs, args.device)
-    _banner(args, specs, grpc=False)
-    uvicorn.run(create_http_app(plane), host=args.host, port=args.port, log_level="warning")
+
+    async def serve() -> None:
+        grpc_server = None if args.grpc_port == 0 else await start_grpc_server(plane, args.host, args.grpc_port)
+        _banner(args, specs, grpc=grpc_server is not None)
+        config = uvicorn.Config(create_http_app(plane), host=args.host, port=args.port, log_level="warning")
+        try:
+            await uvicorn.Server(config).serve()  # returns after SIGTERM/SIGINT, once in-flight requests finish
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=DRAIN_GRACE_S)
+
+    asyncio.run(serve())
     return 0
-
-
-def _serve_ray(repository: str, specs, args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from hybridserve.server.observability import metrics
-    from hybridserve.server.rayserve.app import APP_NAME, AppArgs, app
-
-    if not args.address:  # a local cluster's processes inherit this environment (a remote one has its own)
-        os.environ.update(local_serve_env())
-    import ray
-    from ray import serve
-
-    # From the start: a SIGTERM while Ray starts or the models load shuts down cleanly once loading ends.
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    # A local cluster gets enough logical CPUs for every replica; torch threads follow each spec.
-    wanted = sum(spec.device.cpus * (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas)
-                 for spec in specs)
-    num_cpus = None if args.address else max(os.cpu_count() or 1, int(wanted + 0.999) + 1)
-    ray.init(address=args.address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=args.verbose, configure_logging=True,
-             logging_level=logging.INFO if args.verbose else logging.WARNING,
-             _metrics_export_port=None if args.address else metrics.metrics_export_port(args.metrics_export_port))
-    serve.start(
-        http_options={"host": args.host, "port": args.port},
-        grpc_options={"port": args.grpc_port, "grpc_servicer_functions": grpc_servicers()},
-    )
-    print(f"Loading {len(specs)} model(s) on Ray Serve ...", flush=True)
-    serve.run(app(AppArgs(repository=repository, device=args.device, layout=args.layout)), name=APP_NAME,
-              route_prefix="/")
-    if not stop.is_set():
-        _banner(args, specs, grpc=bool(grpc_servicers()), metrics_targets=metrics.ray_metrics_targets())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    print("Shutting down (draining in-flight requests) ...", flush=True)
-    serve.shutdown()
-    return 0
-
-
-def local_serve_env() -> dict[str, str]:
-    """What a local cluster adds to its environment for HAProxy ingress (variables already set win).
-
-    HAProxy's stats and metrics ports move to free ones where taken. The gateway replicas' gRPC
-    ports get a block of their own: Ray 2.60 binds them with SO_REUSEPORT, so two local clusters
-    on Ray's default range would share a port and answer each other's calls.
-    """
-    from hybridserve.server.observability.metrics import metrics_export_port
-    from hybridserve.server.rayserve.app import serve_env
-
-    env = {key: value for key, value in serve_env().items() if key not in os.environ}
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", env.get("RAY_SERVE_ENABLE_HA_PROXY")) != "1":
-        return env
-    for key, port in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
-        if key not in os.environ:
-            env[key] = str(metrics_export_port(port))
-    if "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT" not in os.environ:
-        low = _free_port_block(GATEWAY_GRPC_PORTS)
-        env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] = str(low)
-        env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"] = str(low + GATEWAY_GRPC_PORTS - 1)
-    return env
-
-
-def _free_port_block(size: int) -> int:
-    """The first of ``size`` consecutive ports that nothing listens on (bound without SO_REUSEPORT)."""
-    def free(port: int) -> bool:
-        with socket.socket(socket.AF_INET6) as sock:  # [::] also covers IPv4, as gRPC binds
-            try:
-                sock.bind(("::", port))
-            except OSError:
-                return False
-        return True
-
-    for start in random.sample(range(42000, 60000 - size, size), 100):
-        if all(free(port) for port in range(start, start + size)):
-            return start
-    raise OSError(f"no {size} consecutive free ports for the gateway's gRPC servers")
-
-
-def grpc_servicers() -> list[str]:
-    """gRPC servicers the Serve proxy registers (empty until the gRPC services are installed)."""
-    try:
-        from hybridserve.server.transports.grpc_services import SERVICER_FUNCTIONS
-    except ImportError:
-        return []
-    return list(SERVICER_FUNCTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--grpc-port", type=int, default=9000)
     serve_p.add_argument("--device", choices=["cpu", "cuda"], help="override every spec's device")
     serve_p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
-    serve_p.add_argument("--no-ray", action="store_true", help="serve in this process without Ray (HTTP only)")
+    serve_p.add_argument("--no-ray", action="store_true", help="serve in this process without Ray (HTTP and gRPC; --grpc-port 0: HTTP only)")
     serve_p.add_argument("--layout", choices=LAYOUTS, default="deployments",
                          help="Ray: a deployment per model behind the gateway, or every model in the gateway "
                               "(combined: no hop, for small models; docs/performance.md)")
@@ -212,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--log-format", choices=LOG_FORMATS, help=f"log lines as text or JSON (default: ${LOG_FORMAT_ENV} or text)")
     serve_p.add_argument("--metrics-export-port", type=int, default=8080,
                          help="Ray's Prometheus export port on a local cluster (KubeRay's 8080; another if taken)")
+    serve_p.add_argument("--drain-grace-s", type=float, default=None,
+                         help="Ray: on SIGTERM/SIGINT, how long to wait for in-flight requests before stopping "
+                              "(default: $HYBRIDSERVE_DRAIN_GRACE_S or 20; docs/operations.md)")
     serve_p.set_defaults(func=cmd_serve)
 
     models_p = sub.add_parser("models", help="inspect model repositories")

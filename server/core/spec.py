@@ -81,9 +81,41 @@ class Device(_Frozen):
         return self
 
 
+class Calibration(_Frozen):
+    """The images int8 activation ranges are measured on."""
+
+    images: str | None = Field(
+        default=None, description="Folder of representative images (relative to the spec), or `builtin`: a "
+        "built-in model's own training images. Required for int8 unless the model is a built-in.")
+    count: Annotated[int, Field(ge=1, le=100_000)] = Field(default=64, description="Images used (the first, sorted).")
+    activations: Literal["histogram", "minmax", "percentile"] = Field(
+        default="histogram", description="Activation range: histogram (least squared error), min/max, or percentile.")
+    percentile: Annotated[float, Field(gt=90, le=100)] = 99.99
+
+
+class AccuracyGate(_Frozen):
+    """What an int8 build must keep against fp32 before it is served (else the model is served in fp32)."""
+
+    metric: Literal["auto", "heldout", "top1_agreement", "snr", "psnr"] = Field(
+        default="auto", description="heldout: a built-in's held-out top-1 or PSNR (hybridserve eval); "
+        "top1_agreement, snr, psnr (dB): int8 outputs against fp32 on the gate images. auto: heldout for a "
+        "built-in, else top1_agreement (classification), psnr (restoration) or snr.")
+    max_drop: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="heldout: largest drop allowed (top-1 points, or dB). Default 0.5 points / 0.1 dB.")
+    min_value: float | None = Field(
+        default=None, description="Agreement metrics: smallest value allowed. Defaults: top1_agreement 0.99, "
+        "snr 20 dB, psnr 40 dB.")
+    images: str | None = Field(default=None, description="Folder of gate images; default the calibration folder.")
+    count: Annotated[int, Field(ge=1, le=100_000)] = 200
+    max_fp32_layers: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Most layers the sensitivity pass may keep in fp32 (default: all but one).")
+
+
 class Compile(_Frozen):
     backend: Literal["eager", "inductor", "aot", "tensorrt"] = "eager"
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
+    calibration: Calibration = Calibration()
+    accuracy_gate: AccuracyGate = AccuracyGate()
     batch_buckets: tuple[Annotated[int, Field(ge=1, le=1024)], ...] | None = Field(
         default=None,
         description="Static batch sizes a compiled model is built for (batches are padded up to the next one). "
@@ -97,6 +129,8 @@ class Compile(_Frozen):
                 raise ValueError("batch_buckets needs at least one size")
             if list(self.batch_buckets) != sorted(set(self.batch_buckets)):
                 raise ValueError("batch_buckets must be increasing, without repeats")
+        if self.precision == "int8" and self.backend == "eager":
+            raise ValueError("precision int8 needs a compiled backend (inductor or aot): eager has no int8 kernels")
         return self
 
 

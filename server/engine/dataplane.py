@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from hybridserve_client.schemas import BatchingInfo, Health, InputContract, ModelInfo, ModelList
+from hybridserve.server.compiler.runner import CompileResult
 from hybridserve.server.core.errors import DeadlineExceeded, ModelNotFound, WrongTask
 from hybridserve.server.tasks import InferenceRequest
 from hybridserve.server.engine.runtime import BatchOutput, Entry, InferenceOutcome, ModelRuntime
@@ -22,7 +23,7 @@ from hybridserve.server.core.spec import ModelSpec
 
 def describe(spec: ModelSpec, status: str, reason: str | None = None, backend: str | None = None,
              load_seconds: float | None = None, device: str | None = None,
-             batching: BatchingInfo | None = None) -> ModelInfo:
+             batching: BatchingInfo | None = None, compiled: CompileResult | None = None) -> ModelInfo:
     pre = spec.preprocessing
     restoring = spec.restoration is not None  # tiles, at a scale
     return ModelInfo(
@@ -48,6 +49,9 @@ def describe(spec: ModelSpec, status: str, reason: str | None = None, backend: s
         ),
         labels=len(spec.labels),
         backend=backend,
+        precision=compiled.precision if compiled else None,
+        precision_reason=compiled and (compiled.precision_reason or (compiled.gate or {}).get("reason")),
+        fp32_layers=list(compiled.fp32_layers) if compiled else [],
         device=device or spec.device.type,
         load_seconds=load_seconds,
         description=spec.description,
@@ -75,7 +79,8 @@ class LocalEndpoint:
     async def info(self) -> ModelInfo:
         rt = self.runtime
         batching = self._batching() if self._batching else None
-        return describe(rt.spec, rt.status, rt.reason, rt.backend, rt.load_seconds, rt.device.type, batching)
+        return describe(rt.spec, rt.status, rt.reason, rt.backend, rt.load_seconds, rt.device.type, batching,
+                        rt.compiled)
 
     async def infer(self, request: InferenceRequest, timeout_s: float | None) -> InferenceOutcome:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

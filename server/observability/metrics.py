@@ -105,11 +105,13 @@ GPU_ALLOCATED = Family("hybridserve_gpu_memory_allocated_bytes", "gauge", "CUDA 
                        "on the model's device", ("model", "device"))
 GPU_RESERVED = Family("hybridserve_gpu_memory_reserved_bytes", "gauge", "CUDA memory reserved by the caching "
                       "allocator on the model's device", ("model", "device"))
+INT8_FALLBACK = Family("hybridserve_model_int8_fallback", "gauge", "1 when the spec asks for int8 and the model "
+                       "serves fp32 (gate failed, no int8 kernels, no calibration images), else 0", M)
 FAMILIES: tuple[Family, ...] = (
     REQUESTS, REQUEST_SECONDS, IN_FLIGHT, REQUEST_BYTES, RESPONSE_BYTES, QUEUE_SECONDS, PREPROCESS_SECONDS,
     COMPUTE_SECONDS, POSTPROCESS_SECONDS, BATCH_SIZE, BATCHES, QUEUED_ITEMS, CANCELLED_ITEMS, PIXELS, LOAD_SECONDS,
     COMPILE_SECONDS, WARMUP_SECONDS, MODEL_INFO, LATENCY_OBJECTIVE, MODEL_READY, MODEL_STATE, GPU_ALLOCATED,
-    GPU_RESERVED,
+    GPU_RESERVED, INT8_FALLBACK,
 )
 _VERBS = {"counter": "inc", "gauge": "set", "histogram": "observe"}
 
@@ -419,6 +421,8 @@ def model_loaded(runtime: ModelRuntime) -> None:
     _declare(CANCELLED_ITEMS, model=spec.name)
     _record(MODEL_INFO, 1.0, model=spec.name, task=spec.task, architecture=spec.architecture,
             backend=runtime.backend or "none", device=str(runtime.device))
+    served = runtime.compiled.precision if runtime.compiled else None
+    _record(INT8_FALLBACK, float(spec.compile.precision == "int8" and served != "int8"), model=spec.name)
     if spec.batching.latency_slo_ms is not None:
         _record(LATENCY_OBJECTIVE, spec.batching.latency_slo_ms / 1000.0, model=spec.name)
     gpu_memory(spec.name, runtime.device)

@@ -47,6 +47,7 @@ from hybridserve.server.transports.grpc_services import OIPServicerMixin, TaskSe
 from hybridserve.server.tasks import InferenceRequest
 from hybridserve.server.transports.http_api import HTTPSettings, create_http_app
 from hybridserve.server.engine.local import local_plane
+from hybridserve.server.rayserve.cluster import guard_draining
 from hybridserve.server.engine.runtime import BatchOutput, Entry, InferenceOutcome, ModelRuntime, configure_threads
 from hybridserve.server.core.spec import ModelSpec
 from hybridserve.server.repository import builtin_repository, load_repository
@@ -232,7 +233,8 @@ class _Ingress(TaskServicerMixin, OIPServicerMixin):
     plane: DataPlane
 
     def __serve_build_asgi_app__(self):
-        return create_http_app(self.plane, settings=replace(HTTPSettings.from_env(), echo_request_id=False))
+        app = create_http_app(self.plane, settings=replace(HTTPSettings.from_env(), echo_request_id=False))
+        return guard_draining(app)  # SIGTERM drain: readiness and new calls 503 (rayserve/cluster.py)
 
 
 @serve.deployment(name=GATEWAY, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2000)

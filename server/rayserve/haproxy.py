@@ -6,11 +6,14 @@ local cluster of ``hybridserve serve`` moves them into a state folder of its own
 HTTP port (``state_dir``), and points ``RAY_SERVE_HAPROXY_BINARY_PATH`` at a launcher
 (this file, run by itself) that, before it execs the real binary:
 
-* rewrites the ``defaults`` section of Ray's config so that every error HAProxy answers on its
-  own (400, 408, 500, 501, 502, 503, 504; and 404 where no route exists yet) carries the
-  documented ``{"error": {"code", "message"}}`` body, the status clients can act on, and
-  ``Retry-After`` where retrying helps. Ray's template has no hook for this: its own error file
-  (``500.http``, text/plain, 502/503/504 answered as 500) is replaced line for line;
+* rewrites Ray's config so that the errors HAProxy answers for a request (502, 503, 504; 404
+  where no route exists yet; 431 for headers above 32 KiB) carry the documented
+  ``{"error": {"code", "message"}}`` body, the status clients can act on, and ``Retry-After``
+  where retrying helps. Ray's template has no hook for this: its own error file (``500.http``,
+  text/plain, 502/503/504 answered as 500) is replaced line for line. Errors of HAProxy's
+  connection layer (400 for a malformed request or one whose request line and headers exceed
+  ``tune.bufsize``, 64 KiB here; 408; 500/501) use HAProxy's built-in HTML whatever the
+  errorfiles say (``h1_send_error`` in HAProxy's mux_h1.c): docs/operations.md lists them;
 * asks the kernel to kill HAProxy when its parent (the manager actor) dies, so a server killed
   with SIGKILL takes its proxy with it.
 
@@ -38,8 +41,7 @@ PR_SET_PDEATHSIG = 1
 
 # status HAProxy would send -> (status sent, error code, message, Retry-After seconds or None)
 ERRORS: dict[int, tuple[int, str, str, int | None]] = {
-    400: (400, "invalid_input", "bad request: malformed, or the request line or headers are too large "
-                                "(HAProxy's limit is tune.bufsize, 16 KiB)", None),
+    400: (400, "invalid_input", "bad request: the proxy could not parse it", None),
     408: (408, "deadline_exceeded", "the request was not received in time (HAProxy's timeout http-request)", None),
     500: (500, "internal", "internal error at the proxy; see server logs", None),
     501: (501, "invalid_input", "not implemented: the proxy cannot handle this request's framing", None),
@@ -51,6 +53,12 @@ ERRORS: dict[int, tuple[int, str, str, int | None]] = {
 REASONS = {400: "Bad Request", 408: "Request Timeout", 500: "Internal Server Error", 501: "Not Implemented",
            503: "Service Unavailable", 504: "Gateway Timeout"}
 NOT_FOUND = json.dumps({"error": {"code": "model_not_found", "message": "no route for this path (yet)"}})
+# Headers above HEADER_LIMIT get a JSON 431 from a frontend rule; a request line and headers above
+# BUFSIZE never become a stream, and HAProxy's connection layer answers its own HTML 400.
+HEADER_LIMIT = 32 * 1024
+BUFSIZE = 64 * 1024
+TOO_LARGE = json.dumps({"error": {"code": "invalid_input", "message": f"the request headers are too large "
+                                                                       f"(more than {HEADER_LIMIT // 1024} KiB)"}})
 
 
 def state_dir(http_port: int) -> Path:
@@ -73,6 +81,7 @@ def haproxy_env(folder: Path, real_binary: str) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(BUFSIZE),
     }
 
 
@@ -98,7 +107,11 @@ def json_errors(config: str, folder: Path) -> str:
         path.write_text(error_file(status))
         ours.append(f"    errorfile {status} {path}")
     at = lines.index("defaults") + 1
-    text = "\n".join(lines[:at] + ours + lines[at:]) + "\n"
+    lines[at:at] = ours
+    at = lines.index("frontend http_frontend") + 2  # after its bind line
+    lines.insert(at, f"    http-request return status 431 content-type application/json string '{TOO_LARGE}' "
+                     f"if {{ req.hdrs,length gt {HEADER_LIMIT} }}")
+    text = "\n".join(lines) + "\n"
     return re.sub(r'http-request return status 404 content-type text/plain lf-string "[^\n]*"',
                   lambda _: f"http-request return status 404 content-type application/json string '{NOT_FOUND}'",
                   text)

@@ -68,7 +68,8 @@ class TaskHandler(ABC):
         self.loaded = model
         self.module = model.module
         self.device = device
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.compile.precision]
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                      "int8": torch.float32}[spec.compile.precision]  # int8 models take fp32 inputs
         self.limits = limits or ImageLimits()
         pre = spec.preprocessing
         channels = 1 if pre.color == "gray" else 3

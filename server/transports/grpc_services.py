@@ -1,8 +1,10 @@
-"""The gRPC services, as mixins of the Serve ingress: typed ``hybridserve.v1`` and the OIP service.
+"""The gRPC services over a data plane: typed ``hybridserve.v1`` and the Open Inference Protocol.
 
-Ray Serve's gRPC proxy registers the generated servicers named in ``SERVICER_FUNCTIONS`` and calls
-the ingress deployment's method of the same name as the RPC, with the request message and a
-``grpc_context``; the methods here translate to the data plane (``self.plane``) and back.
+The same methods run in two hosts: Ray Serve's gRPC proxy registers the generated servicers
+named in ``SERVICER_FUNCTIONS`` and calls the gateway's method of the same name as the RPC (these
+classes are its mixins), and ``grpc_server`` serves them in-process with grpc.aio. Either way a
+method gets the request message and a context (``invocation_metadata``, ``set_code``...) and
+translates to the data plane (``self.plane``) and back. Nothing here imports Ray.
 
 Errors set the status code of the error table, the message as details, and the stable error
 code in the trailing metadata ``hybridserve-error-code`` (several codes share INVALID_ARGUMENT).
@@ -17,7 +19,6 @@ import logging
 from typing import Any
 
 from google.protobuf import json_format
-from ray.serve.grpc_util import RayServegRPCContext
 
 from hybridserve_client._grpc.hybridserve.oip.v2 import open_inference_pb2 as oip_pb
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as v1
@@ -48,7 +49,7 @@ CONTENTS_FIELDS = {
 }
 
 
-def report_error(context: RayServegRPCContext | None, exc: BaseException) -> None:
+def report_error(context: Any, exc: BaseException) -> None:
     """Put ``exc`` on the call's status through the error table."""
     error = as_hybridserve_error(exc)
     if error.code == "internal":
@@ -74,7 +75,7 @@ def _rpc(response_type: type, api: str | None = None):
 
     def decorate(method):
         @functools.wraps(method)
-        async def call(self, request, grpc_context: RayServegRPCContext | None = None):
+        async def call(self, request, grpc_context: Any = None):
             seen = metrics.observe_rpc(api, self.plane.endpoints, request, grpc_context)
             try:
                 if AUTH.enabled and method.__name__ not in OPEN_RPCS:
@@ -93,7 +94,7 @@ def _rpc(response_type: type, api: str | None = None):
     return decorate
 
 
-def request_timeout(context: RayServegRPCContext | None, settings: HTTPSettings = SETTINGS) -> float:
+def request_timeout(context: Any, settings: HTTPSettings = SETTINGS) -> float:
     """Seconds from the ``x-request-timeout`` metadata, else the server's default."""
     raw = dict(context.invocation_metadata()).get(TIMEOUT_METADATA) if context is not None else None
     if raw is None:

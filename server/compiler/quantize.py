@@ -1,0 +1,138 @@
+"""Post-training int8 quantisation with torchao's PT2E flow for x86 CPUs (oneDNN kernels through Inductor).
+
+The model is exported with a dynamic batch, annotated by ``X86InductorQuantizer`` (weights
+int8 per output channel, symmetric; activations uint8 per tensor with a range from a
+histogram search, min/max or a percentile), calibrated on representative items, and
+converted to a graph of quantise/dequantise pairs around each conv and linear layer, which
+Inductor's freezing passes fuse into oneDNN int8 kernels. ``fp32_layers`` names layers the
+annotator leaves alone (mixed precision); ``sensitivity`` ranks layers by how much their
+int8 version alone hurts the model's outputs, so the gate can keep the worst ones in fp32.
+Without VNNI (AVX2-only CPUs) activations use 7 bits, as the quantizer's authors advise.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybridserve.server.compiler.runner import output_leaves
+from hybridserve.server.core.spec import Calibration
+
+Batch = tuple[torch.Tensor, ...]
+LAYER_OPS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear", "aten.conv_transpose2d")
+
+
+@functools.cache
+def has_vnni() -> bool:
+    """Whether the CPU multiplies uint8 by int8 without saturating 16-bit sums (AVX512-VNNI, AVX-VNNI, AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _observer(calibration: Calibration) -> Any:
+    from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver
+
+    class PercentileObserver(HistogramObserver):
+        """The activation range between two percentiles of the observed histogram (clips rare outliers)."""
+
+        def calculate_qparams(self):
+            total = float(self.histogram.sum())
+            if total == 0 or not math.isfinite(float(self.max_val - self.min_val)):
+                return super().calculate_qparams()
+            cdf = torch.cumsum(self.histogram, 0) / total
+            edges = torch.linspace(float(self.min_val), float(self.max_val), self.bins + 1)
+            tail = (100.0 - calibration.percentile) / 100.0
+            low = edges[int(torch.searchsorted(cdf, torch.tensor(tail)))]
+            high = edges[min(self.bins, int(torch.searchsorted(cdf, torch.tensor(1.0 - tail))) + 1)]
+            return self._calculate_qparams(torch.minimum(low, torch.zeros(())), torch.maximum(high, torch.zeros(())))
+
+    return {"histogram": HistogramObserver, "minmax": MinMaxObserver,
+            "percentile": PercentileObserver}[calibration.activations]
+
+
+def quantization_config(calibration: Calibration) -> Any:
+    """X86InductorQuantizer's static config with the spec's activation observer."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        get_default_x86_inductor_quantization_config,
+    )
+
+    config = get_default_x86_inductor_quantization_config(reduce_range=not has_vnni())
+    activation = dataclasses.replace(config.input_activation,
+                                     observer_or_fake_quant_ctr=_observer(calibration).with_args(eps=2**-12))
+    return dataclasses.replace(config, input_activation=activation, output_activation=activation)
+
+
+def export_graph(module: nn.Module, example: Batch, max_batch: int) -> torch.fx.GraphModule:
+    """The module as an ATen graph with a dynamic batch dimension, ready for the annotator."""
+    dim = torch.export.Dim("batch", min=1, max=max_batch)
+    dynamic = tuple({0: dim} for _ in example)
+    return torch.export.export(module, example, dynamic_shapes=dynamic, strict=False).module()
+
+
+def quantizable_layers(graph: torch.fx.GraphModule) -> list[str]:
+    """Names of the conv and linear modules the graph calls, in graph order (the layers int8 can take)."""
+    names: list[str] = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or not str(node.target).startswith(LAYER_OPS):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            name = list(stack.values())[-1][0].removeprefix("L['self'].")
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def quantize(graph: torch.fx.GraphModule, batches: Iterable[Batch], calibration: Calibration,
+             fp32_layers: Sequence[str] = ()) -> torch.fx.GraphModule:
+    """Annotate, calibrate on ``batches`` and convert; ``fp32_layers`` stay fp32."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+
+    quantizer = X86InductorQuantizer().set_global(quantization_config(calibration))
+    for name in fp32_layers:
+        quantizer.set_module_name_qconfig(name, None)
+    prepared = prepare_pt2e(copy.deepcopy(graph), quantizer)
+    with torch.no_grad():
+        for batch in batches:
+            prepared(*batch)
+    return convert_pt2e(prepared)
+
+
+def output_snr(reference: Sequence[Any], candidate: Sequence[Any]) -> float:
+    """Signal-to-noise ratio in dB of ``candidate`` outputs against ``reference`` (all leaves together)."""
+    signal = noise = 0.0
+    for ref, got in zip(reference, candidate):
+        for a, b in zip(output_leaves(ref), output_leaves(got)):
+            if a.is_floating_point():
+                a, b = a.detach().double(), b.detach().double()
+                signal += float((a * a).sum())
+                noise += float(((a - b) ** 2).sum())
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+def sensitivity(graph: torch.fx.GraphModule, layers: Sequence[str], probe: Sequence[Batch],
+                calibration: Calibration) -> list[tuple[str, float]]:
+    """Each layer with the output SNR (dB) of the model where it alone is int8; most sensitive first."""
+    with torch.no_grad():
+        reference = [graph(*batch) for batch in probe]
+    scores = []
+    for layer in layers:
+        others = [name for name in layers if name != layer]
+        single = quantize(graph, probe, calibration, others)
+        with torch.no_grad():
+            scores.append((layer, output_snr(reference, [single(*batch) for batch in probe])))
+    return sorted(scores, key=lambda pair: pair[1])

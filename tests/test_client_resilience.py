@@ -248,13 +248,14 @@ async def test_async_client_retries_and_maps_errors(scripted, image):
 def test_api_key_and_bearer_token_against_hybridserve_with_keys(monkeypatch):
     import torch
 
+    from hybridserve.server.core.settings import Settings
     from hybridserve.server.transports.http_api import create_http_app
     from hybridserve.server.engine.local import local_plane
     from hybridserve.server.repository import builtin_repository, load_spec
 
     torch.set_num_threads(1)
     monkeypatch.setenv("HYBRIDSERVE_API_KEYS", "key-one,key-two")
-    app = create_http_app(local_plane([load_spec(builtin_repository() / "psnr.yaml")]))
+    app = create_http_app(local_plane([load_spec(builtin_repository() / "psnr.yaml")]), Settings.from_env())
     picture = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
     with serving(app) as url:
         with Client(url, retries=2) as anonymous:

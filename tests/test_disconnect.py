@@ -182,13 +182,14 @@ def test_a_cancelled_grpc_call_is_recorded_as_499_and_leaves_nothing_in_flight(t
     from hybridserve.server.transports.grpc_services import TaskServicerMixin, v1
     from hybridserve.server.engine.local import local_plane
     from hybridserve.server.repository import load_spec
+    from hybridserve.server.core.settings import Settings
 
     spec = load_spec(write_spec(tmp_path, "grpc-slow", task="classification",
                                 architecture=f"python:{FIXTURES / 'slow_model.py'}:SlowClassifier",
                                 architecture_args={"delay_s": 2.0}, preprocessing={"input_size": [16, 16]},
                                 labels=["a", "b"]))
     servicer = TaskServicerMixin()
-    servicer.plane = local_plane([spec])
+    servicer.init_services(local_plane([spec]), Settings())
 
     def sample(name: str, **labels: str) -> float:
         text = metrics.backend().exposition()[0].decode()

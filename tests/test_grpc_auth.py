@@ -11,7 +11,7 @@ from hybridserve_client._grpc.hybridserve.oip.v2 import open_inference_pb2 as oi
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as v1
 from hybridserve.server.transports import grpc_services
 from hybridserve.server.engine.local import local_plane
-from hybridserve.server.transports.auth import AuthPolicy
+from hybridserve.server.core.settings import Settings
 from hybridserve.server.repository import builtin_repository, load_spec
 
 
@@ -35,14 +35,13 @@ class CallContext:
 
 
 class Services(grpc_services.TaskServicerMixin, grpc_services.OIPServicerMixin):
-    def __init__(self):
-        self.plane = local_plane([load_spec(builtin_repository() / "psnr.yaml")])
+    def __init__(self, settings: Settings):
+        self.init_services(local_plane([load_spec(builtin_repository() / "psnr.yaml")]), settings)
 
 
 @pytest.fixture
-def services(monkeypatch):
-    monkeypatch.setattr(grpc_services, "AUTH", AuthPolicy(keys=(b"sesame",)))
-    return Services()
+def services():
+    return Services(Settings.from_env({"HYBRIDSERVE_API_KEYS": "sesame"}))
 
 
 @pytest.mark.parametrize("metadata", [[], [("x-api-key", "wrong")], [("authorization", "Bearer nope")]])

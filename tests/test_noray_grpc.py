@@ -8,7 +8,6 @@ import shutil
 
 import grpc
 import httpx
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException

@@ -33,6 +33,8 @@ HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 9000, 8080
 MODEL_ROOT = "/models"  # the repository inside the image (baked in, or a mounted claim)
 CACHE_ROOT = "/cache"  # weights downloaded from hubs, compile artifacts
 USER_ID = 1000  # the image's non-root user
+# Stopping a pod: the preStop sleep lets Services drop it and its in-flight requests finish before Ray stops.
+PRESTOP_SLEEP_S, TERMINATION_GRACE_S = 20, 60
 DEFAULT_GPUS_PER_REPLICA = 0.125
 APP_LABELS = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": NAME}
 CACHE_ENV = {
@@ -170,6 +172,7 @@ def pod_template(options: RenderOptions, image: str, role: str, size: PodSize,
         "resources": _resources(size),
         "volumeMounts": mounts,
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", f"sleep {PRESTOP_SLEEP_S}"]}}},
     }
     if role != "head":
         # Traffic only to pods whose Serve proxy answers and whose models are all warmed up. Liveness
@@ -183,7 +186,7 @@ def pod_template(options: RenderOptions, image: str, role: str, size: PodSize,
         "containers": [container],
         "volumes": volumes,
         "securityContext": {"runAsNonRoot": True, "runAsUser": USER_ID, "runAsGroup": USER_ID, "fsGroup": USER_ID},
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "nodeSelector": {"kubernetes.io/os": "linux"},
     }
     if size.gpus:

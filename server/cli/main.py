@@ -98,18 +98,20 @@ def _serve_local(specs, args: argparse.Namespace) -> int:
 
     from hybridserve.server.engine.local import local_plane
     from hybridserve.server.engine.runtime import configure_threads
+    from hybridserve.server.core.settings import Settings
     from hybridserve.server.transports.grpc_server import start_grpc_server
     from hybridserve.server.transports.http_api import create_http_app
 
     # Threads follow the specs (device.cpus), never more than the machine has: the batch threads
     # share one torch pool, and the event loop needs a core of its own on small machines.
     configure_threads(min(max(spec.device.cpus for spec in specs), os.cpu_count() or 1))
-    plane = local_plane(specs, args.device)
+    settings = Settings.from_env()  # read once, passed down
+    plane = local_plane(specs, args.device, settings.limits)
 
     async def serve() -> None:
-        grpc_server = None if args.grpc_port == 0 else await start_grpc_server(plane, args.host, args.grpc_port)
+        grpc_server = None if args.grpc_port == 0 else await start_grpc_server(plane, settings, args.host, args.grpc_port)
         _banner(args, specs, grpc=grpc_server is not None)
-        config = uvicorn.Config(create_http_app(plane), host=args.host, port=args.port, log_level="warning")
+        config = uvicorn.Config(create_http_app(plane, settings), host=args.host, port=args.port, log_level="warning")
         try:
             await uvicorn.Server(config).serve()  # returns after SIGTERM/SIGINT, once in-flight requests finish
         finally:

@@ -123,7 +123,7 @@ def build_int8(handler: TaskHandler, eager: nn.Module, config: Compile,
     for backend in chain:
         try:
             availability(backend, device)
-            return _build(handler, eager, backend, config, item, shape, cal_items, gate, extra)
+            return _build(handler, eager, backend, config, item, shape, cal_items, gate, extra), None, None
         except _GateFailed as failed:
             return None, failed.report["reason"], failed.report
         except Exception as exc:
@@ -156,9 +156,9 @@ def _build(handler, eager, backend, config, item, shape, cal_items, gate, extra)
     try:
         if meta is None:
             graph = export_graph(eager, examples(min(2, max_batch)), max_batch)
-            batches = item_batches(cal_items, 8)
+            batches = item_batches(cal_items, max_batch)
             quantized, fp32, simulated, layers = _search(
-                graph, batches, item_batches(cal_items[:PROBE_ITEMS], 8), config, gate,
+                graph, batches, item_batches(cal_items[:PROBE_ITEMS], max_batch), config, gate,
                 lambda g: BatchRunner({None: g}, eager, shape, max_batch))
             program = torch.export.export(quantized, examples(min(2, max_batch)), strict=False, dynamic_shapes=tuple(
                 {0: torch.export.Dim("batch", min=1, max=max_batch)} for _ in examples(1)))

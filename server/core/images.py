@@ -8,7 +8,6 @@ palette, CMYK, 16-bit, grayscale and alpha images are converted to the model's c
 from __future__ import annotations
 
 import io
-import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -24,17 +23,10 @@ OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Per-image limits; defaults are safe for a public endpoint and configurable by environment."""
+    """Per-image limits; defaults are safe for a public endpoint (``Settings`` reads the environment's)."""
 
     max_pixels: int = 40_000_000
     max_side: int = 16_384
-
-    @classmethod
-    def from_env(cls) -> ImageLimits:
-        return cls(
-            max_pixels=int(os.environ.get("HYBRIDSERVE_MAX_IMAGE_PIXELS", cls.max_pixels)),
-            max_side=int(os.environ.get("HYBRIDSERVE_MAX_IMAGE_SIDE", cls.max_side)),
-        )
 
 
 def decode_image(data: bytes, color: str = "rgb", limits: ImageLimits | None = None, field: str = "image") -> np.ndarray:

@@ -10,12 +10,13 @@ from hybridserve_client.schemas import BatchingInfo
 from hybridserve.server.engine.batching import AsyncBatcher
 from hybridserve.server.engine.dataplane import DataPlane, LocalEndpoint
 from hybridserve.server.engine.runtime import ModelRuntime
+from hybridserve.server.core.images import ImageLimits
 from hybridserve.server.core.spec import ModelSpec
 
 
-def local_endpoint(spec: ModelSpec, device: str | None = None) -> LocalEndpoint:
+def local_endpoint(spec: ModelSpec, device: str | None = None, limits: ImageLimits | None = None) -> LocalEndpoint:
     """Load one model (with warm-up) and put an in-process batcher in front of it."""
-    runtime = ModelRuntime(spec, device)
+    runtime = ModelRuntime(spec, device, limits)
     runtime.load()
     batcher = AsyncBatcher(runtime.run_batch, spec.batching.max_batch_size, spec.batching.max_wait_ms,
                            spec.batching.latency_slo_ms)
@@ -27,5 +28,5 @@ def local_endpoint(spec: ModelSpec, device: str | None = None) -> LocalEndpoint:
     return LocalEndpoint(runtime, batcher.submit, batching)
 
 
-def local_plane(specs: list[ModelSpec], device: str | None = None) -> DataPlane:
-    return DataPlane({spec.name: local_endpoint(spec, device) for spec in specs})
+def local_plane(specs: list[ModelSpec], device: str | None = None, limits: ImageLimits | None = None) -> DataPlane:
+    return DataPlane({spec.name: local_endpoint(spec, device, limits) for spec in specs})

@@ -23,6 +23,7 @@ from hybridserve.server.observability import metrics
 from hybridserve.server.compiler.compile import CompileResult, compile_model
 from hybridserve.server.core.errors import DeadlineExceeded, HybridServeError, InternalError, ModelNotReady, Overloaded
 from hybridserve.server.tasks import InferenceRequest, TaskHandler, task_of
+from hybridserve.server.core.images import ImageLimits
 from hybridserve.server.core.spec import ModelSpec
 
 log = logging.getLogger("hybridserve.runtime")
@@ -78,7 +79,7 @@ def configure_threads(cpus: float) -> int:
 
 
 class ModelRuntime:
-    def __init__(self, spec: ModelSpec, device: str | None = None):
+    def __init__(self, spec: ModelSpec, device: str | None = None, limits: ImageLimits | None = None):
         self.spec = spec
         self.device = torch.device(device or ("cuda" if spec.device.type == "cuda" else "cpu"))
         self.status = "loading"
@@ -89,6 +90,7 @@ class ModelRuntime:
         self.handler: TaskHandler | None = None
         self.in_flight_items = 0
         self.max_queue = spec.batching.max_queue
+        self.limits = limits or ImageLimits()
 
     # ------------------------------------------------------------ loading
 
@@ -105,7 +107,7 @@ class ModelRuntime:
                 args=spec.architecture_args,
             )
             loaded.module.to(self.device)
-            handler = task_of(spec.task).handler(spec, loaded, self.device)
+            handler = task_of(spec.task).handler(spec, loaded, self.device, self.limits)
             with metrics.load_stage(spec.name, "compile"):
                 self.compiled = compile_model(handler, spec.compile, self.device)
             handler.module, self.backend = self.compiled.module, self.compiled.backend

@@ -30,7 +30,6 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +44,8 @@ from hybridserve.server.engine.dataplane import DataPlane, LocalEndpoint, descri
 from hybridserve.server.core.errors import HybridServeError, ModelNotReady, as_hybridserve_error
 from hybridserve.server.transports.grpc_services import OIPServicerMixin, TaskServicerMixin
 from hybridserve.server.tasks import InferenceRequest
-from hybridserve.server.transports.http_api import HTTPSettings, create_http_app
+from hybridserve.server.core.settings import Settings
+from hybridserve.server.transports.http_api import create_http_app
 from hybridserve.server.engine.local import local_plane
 from hybridserve.server.rayserve.cluster import guard_draining
 from hybridserve.server.engine.runtime import BatchOutput, Entry, InferenceOutcome, ModelRuntime, configure_threads
@@ -142,7 +142,7 @@ class ModelDeployment:
         metrics.instrument_ray_replica()
         configure_threads(_assigned_cpus(spec.device.cpus))
         self.spec = spec
-        self.runtime = ModelRuntime(spec, device)
+        self.runtime = ModelRuntime(spec, device, Settings.from_env().limits)
         self.runtime.load()
         # Batches get their own thread, not the default executor shared with every request's hops.
         self._batch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
@@ -233,7 +233,7 @@ class _Ingress(TaskServicerMixin, OIPServicerMixin):
     plane: DataPlane
 
     def __serve_build_asgi_app__(self):
-        app = create_http_app(self.plane, settings=replace(HTTPSettings.from_env(), echo_request_id=False))
+        app = create_http_app(self.plane, self.settings, echo_request_id=False)
         return guard_draining(app)  # SIGTERM drain: readiness and new calls 503 (rayserve/cluster.py)
 
 
@@ -245,7 +245,8 @@ class Gateway(_Ingress):
     def __init__(self, specs: list[ModelSpec], handles: dict[str, Any]):
         metrics.instrument_ray_replica()
         self.specs = specs
-        self.plane = DataPlane({spec.name: RemoteEndpoint(spec, handles[spec.name]) for spec in specs})
+        self.init_services(DataPlane({spec.name: RemoteEndpoint(spec, handles[spec.name]) for spec in specs}),
+                           Settings.from_env())
 
 
 @serve.deployment(name=GATEWAY)
@@ -258,7 +259,8 @@ class CombinedGateway(_Ingress):
         # Each model's batches run on their own thread, concurrently: each gets its own spec's threads.
         configure_threads(max(spec.device.cpus for spec in specs))
         self.specs = specs
-        self.plane = local_plane(specs, device)
+        settings = Settings.from_env()
+        self.init_services(local_plane(specs, device, settings.limits), settings)
 
 
 def app(args: AppArgs) -> Application:

@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+SOURCE_HEADER = "X-Error-Source"  # "proxy" on the answers HAProxy gives itself
 REAL_BINARY_ENV = "HYBRIDSERVE_HAPROXY_REAL_BINARY"
 PID_FILE = "server.pid"
 MARKER = "    # hybridserve: JSON error bodies (server/rayserve/haproxy.py)"
@@ -90,7 +91,7 @@ def error_file(status: int) -> str:
     sent, code, message, retry_after = ERRORS[status]
     body = json.dumps({"error": {"code": code, "message": message}})
     head = [f"HTTP/1.1 {sent} {REASONS[sent]}", "Content-Type: application/json", "Cache-Control: no-cache",
-            "Connection: close", f"Content-Length: {len(body)}"]
+            "Connection: close", f"{SOURCE_HEADER}: proxy", f"Content-Length: {len(body)}"]
     if retry_after is not None:
         head.append(f"Retry-After: {retry_after}")
     return "\r\n".join(head) + "\r\n\r\n" + body

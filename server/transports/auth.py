@@ -1,24 +1,22 @@
 """Optional authentication (API keys / bearer tokens) shared by HTTP and gRPC.
 
-Keys come from ``HYBRIDSERVE_API_KEYS`` (comma-separated) and/or ``HYBRIDSERVE_API_KEYS_FILE``
-(one per line). With no keys configured, authentication is off. A client sends
+Keys come from ``Settings`` (``HYBRIDSERVE_API_KEYS``, comma-separated, and/or
+``HYBRIDSERVE_API_KEYS_FILE``, one per line). With no keys configured, authentication is off. A client sends
 ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``; keys are compared in constant time.
-Paths in ``HYBRIDSERVE_OPEN_PATHS`` (health, metrics and docs by default) stay open. A refused
+Paths in ``Settings.open_paths`` (``HYBRIDSERVE_OPEN_PATHS``; health, metrics and docs by default) stay open. A refused
 request gets 401 before routing, so it cannot learn whether a model exists.
 """
 
 from __future__ import annotations
 
 import hmac
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from hybridserve.server.core.errors import Unauthenticated
+from hybridserve.server.core.settings import DEFAULT_OPEN_PATHS, Settings
+from hybridserve.server.transports.http_base import error_response
 
-DEFAULT_OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/docs",
-                      "/openapi.json")
 
 
 @dataclass(frozen=True)
@@ -31,14 +29,8 @@ class AuthPolicy:
         return bool(self.keys)
 
     @classmethod
-    def from_env(cls) -> AuthPolicy:
-        keys = [k.strip() for k in os.environ.get("HYBRIDSERVE_API_KEYS", "").split(",") if k.strip()]
-        key_file = os.environ.get("HYBRIDSERVE_API_KEYS_FILE")
-        if key_file:
-            keys += [line.strip() for line in Path(key_file).read_text().splitlines() if line.strip()]
-        open_paths = os.environ.get("HYBRIDSERVE_OPEN_PATHS")
-        paths = tuple(p.strip() for p in open_paths.split(",") if p.strip()) if open_paths is not None else DEFAULT_OPEN_PATHS
-        return cls(tuple(k.encode() for k in keys), paths)
+    def from_settings(cls, settings: Settings) -> AuthPolicy:
+        return cls(settings.api_keys, settings.open_paths)
 
     def is_open(self, path: str) -> bool:
         return not self.enabled or path in self.open_paths
@@ -79,7 +71,6 @@ class AuthMiddleware:
         try:
             self.policy.check(headers)
         except Unauthenticated as exc:
-            from hybridserve.server.transports.http_api import error_response
 
             response = error_response(exc)
             response.headers["WWW-Authenticate"] = "Bearer"

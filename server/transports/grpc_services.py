@@ -27,7 +27,7 @@ from hybridserve.server.transports import oip
 from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.core.errors import InvalidInput, as_hybridserve_error
 from hybridserve.server.tasks import TASKS, InferenceRequest, Task
-from hybridserve.server.transports.http_api import HTTPSettings
+from hybridserve.server.core.settings import Settings
 from hybridserve.server.transports.auth import AuthPolicy
 
 log = logging.getLogger("hybridserve.grpc")
@@ -38,7 +38,6 @@ SERVICER_FUNCTIONS: list[str] = [
 ]
 ERROR_CODE_METADATA = "hybridserve-error-code"
 TIMEOUT_METADATA = "x-request-timeout"
-SETTINGS = HTTPSettings.from_env()  # the request timeouts the HTTP API uses
 
 # OIP datatype -> the InferTensorContents field that holds its typed values (FP16 has none).
 CONTENTS_FIELDS = {
@@ -64,7 +63,6 @@ def report_error(context: Any, exc: BaseException) -> None:
     context.set_trailing_metadata(metadata)
 
 
-AUTH = AuthPolicy.from_env()
 OPEN_RPCS = {"ServerLive", "ServerReady"}  # health stays open, as /healthz and /readyz do
 
 
@@ -78,8 +76,8 @@ def _rpc(response_type: type, api: str | None = None):
         async def call(self, request, grpc_context: Any = None):
             seen = metrics.observe_rpc(api, self.plane.endpoints, request, grpc_context)
             try:
-                if AUTH.enabled and method.__name__ not in OPEN_RPCS:
-                    AUTH.check(grpc_context.invocation_metadata() if grpc_context is not None else [])
+                if self.auth.enabled and method.__name__ not in OPEN_RPCS:
+                    self.auth.check(grpc_context.invocation_metadata() if grpc_context is not None else [])
                 return seen.answered(await method(self, request, grpc_context))
             except asyncio.CancelledError:  # the client cancelled, or its deadline passed: nobody to answer
                 seen.cancelled()
@@ -94,11 +92,11 @@ def _rpc(response_type: type, api: str | None = None):
     return decorate
 
 
-def request_timeout(context: Any, settings: HTTPSettings = SETTINGS) -> float:
+def request_timeout(context: Any, settings: Settings) -> float:
     """Seconds from the ``x-request-timeout`` metadata, else the server's default."""
     raw = dict(context.invocation_metadata()).get(TIMEOUT_METADATA) if context is not None else None
     if raw is None:
-        return settings.default_timeout_s
+        return settings.request_timeout_s
     try:
         seconds = float(raw)
     except ValueError:
@@ -155,10 +153,19 @@ def _tensor_metadata(specs: tuple[oip.TensorSpec, ...]) -> list[oip_pb.ModelMeta
     return [oip_pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
 
 
-class OIPServicerMixin:
-    """``inference.GRPCInferenceService`` (Open Inference Protocol v2) over ``self.plane``."""
+class ServicerBase:
+    """What the services need from their host: a data plane, the settings and the auth policy."""
 
     plane: DataPlane
+    settings: Settings
+    auth: AuthPolicy
+
+    def init_services(self, plane: DataPlane, settings: Settings) -> None:
+        self.plane, self.settings, self.auth = plane, settings, AuthPolicy.from_settings(settings)
+
+
+class OIPServicerMixin(ServicerBase):
+    """``inference.GRPCInferenceService`` (Open Inference Protocol v2) over ``self.plane``."""
 
     @_rpc(oip_pb.ServerLiveResponse)
     async def ServerLive(self, request, grpc_context=None):
@@ -191,7 +198,7 @@ class OIPServicerMixin:
     @_rpc(oip_pb.ModelInferResponse, api="oip")
     async def ModelInfer(self, request, grpc_context=None):
         call = call_from_proto(request)
-        answer = await oip.infer(self.plane, call, request_timeout(grpc_context))
+        answer = await oip.infer(self.plane, call, request_timeout(grpc_context, self.settings))
         return answer_to_proto(answer)
 
 
@@ -211,7 +218,7 @@ def _task_rpc(task: Task):
         reference = request.reference if "reference" in request.DESCRIPTOR.fields_by_name \
             and request.HasField("reference") else None
         inference = InferenceRequest(request.image, reference, options)
-        outcome = await self.plane.infer(request.model, task.verb, inference, request_timeout(grpc_context))
+        outcome = await self.plane.infer(request.model, task.verb, inference, request_timeout(grpc_context, self.settings))
         metrics.note_outcomes([outcome])
         spec = self.plane.endpoint(request.model).spec
         return task.grpc_message(spec, outcome.result, options, v1)
@@ -220,10 +227,8 @@ def _task_rpc(task: Task):
     return _rpc(getattr(v1, task.result.__name__), api="grpc")(call)
 
 
-class TaskServicerMixin:
+class TaskServicerMixin(ServicerBase):
     """``hybridserve.v1.HybridServe`` over ``self.plane``: one RPC per task of the registry."""
-
-    plane: DataPlane
 
     @_rpc(v1.ModelList)
     async def ListModels(self, request, grpc_context=None):

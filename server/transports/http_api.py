@@ -9,12 +9,9 @@ cancelled (``CancelOnDisconnect``), which drops its items from the batch queue.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
-import os
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -28,109 +25,20 @@ from starlette.requests import ClientDisconnect
 from hybridserve_client.schemas import ErrorResponse, Health, ImageRequest, ModelInfo, ModelList
 from hybridserve.server.observability import metrics
 from hybridserve.server.engine.dataplane import DataPlane
-from hybridserve.server.core.errors import (
-    ERROR_TABLE,
-    HybridServeError,
-    InvalidInput,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-    as_hybridserve_error,
-)
+from hybridserve.server.core.errors import HybridServeError, InvalidInput, UnsupportedMediaType, as_hybridserve_error
+from hybridserve.server.core.settings import Settings
 from hybridserve.server.tasks import TASKS, InferenceRequest, Options, Task
-from hybridserve.server.observability.logs import RequestIdMiddleware, new_request_id, request_id_from
+from hybridserve.server.observability.logs import RequestIdMiddleware
 from hybridserve.server.transports.auth import AuthMiddleware, AuthPolicy
+from hybridserve.server.transports.http_base import (
+    CancelOnDisconnect, error_response, read_body, request_id_of, request_timeout,
+)
+from hybridserve.server.transports.oip_http import oip_router
 
 log = logging.getLogger("hybridserve.http")
 
 ERROR_RESPONSES: dict = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "image/gif", "application/octet-stream")
-
-
-@dataclass(frozen=True)
-class HTTPSettings:
-    max_body_bytes: int = 32 * 1024 * 1024
-    default_timeout_s: float = 60.0
-    max_timeout_s: float = 600.0
-    echo_request_id: bool = True  # Ray Serve's proxy already returns X-Request-ID itself
-    cors_origins: tuple[str, ...] = ()
-
-    @classmethod
-    def from_env(cls) -> HTTPSettings:
-        return cls(
-            max_body_bytes=int(os.environ.get("HYBRIDSERVE_MAX_BODY_BYTES", cls.max_body_bytes)),
-            default_timeout_s=float(os.environ.get("HYBRIDSERVE_REQUEST_TIMEOUT_S", cls.default_timeout_s)),
-            cors_origins=tuple(o.strip() for o in os.environ.get("HYBRIDSERVE_CORS_ORIGINS", "").split(",") if o.strip()),
-        )
-
-
-class CancelOnDisconnect:
-    """ASGI middleware: cancel a request's task when its client disconnects before the answer starts.
-
-    uvicorn never cancels an app on its own. Once the app has read the whole body, a watcher waits
-    on ``receive()``, which the server then answers only with ``http.disconnect`` (client gone, or
-    the response complete). A cancelled request leaves no answer, a 499 in the request log and
-    metrics, and no error; its queued items are dropped before compute (``ModelRuntime.infer``).
-    """
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        task = asyncio.current_task()
-        watcher: asyncio.Task | None = None
-        responding = client_gone = False
-
-        async def watch() -> dict:
-            nonlocal client_gone
-            message = await receive()
-            if message["type"] == "http.disconnect" and not responding:
-                client_gone = True
-                task.cancel()
-            return message
-
-        async def receive_then_watch() -> dict:
-            nonlocal watcher
-            if watcher is not None:  # the app reads past its body: the next message is the watcher's
-                return await asyncio.shield(watcher)
-            message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                watcher = asyncio.create_task(watch())
-            return message
-
-        async def send_noting_start(message: dict) -> None:
-            nonlocal responding
-            responding = responding or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive_then_watch, send_noting_start)
-        except asyncio.CancelledError:
-            metrics.request_cancelled()
-            if client_gone and task.uncancel() == 0:  # only this watcher cancelled it: nothing more to do
-                log.debug("client disconnected before the answer: request cancelled")
-                return
-            raise
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-
-
-def error_response(exc: HybridServeError, request_id: str | None = None) -> JSONResponse:
-    kind = ERROR_TABLE[exc.code]
-    headers = {}
-    if exc.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    if request_id:
-        headers["X-Request-ID"] = request_id
-    body = {"error": {"code": exc.code, "message": exc.message}}
-    return JSONResponse(body, status_code=kind.http_status, headers=headers)
-
-
-def request_id_of(request: Request) -> str:
-    return request_id_from(request.headers.get("x-request-id"), request.headers.get("traceparent")) or new_request_id()
 
 
 def _options(source: dict[str, Any]) -> Options:
@@ -142,19 +50,6 @@ def _options(source: dict[str, Any]) -> Options:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _b64(value: str, field: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
@@ -162,7 +57,7 @@ def _b64(value: str, field: str) -> bytes:
         raise InvalidInput(f"{field}: not valid base64") from None
 
 
-async def parse_inference(request: Request, query: Options, settings: HTTPSettings) -> InferenceRequest:
+async def parse_inference(request: Request, query: Options, settings: Settings) -> InferenceRequest:
     """Read an image request in any of the three accepted forms."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
@@ -184,7 +79,7 @@ async def parse_inference(request: Request, query: Options, settings: HTTPSettin
     return InferenceRequest(body, None, query)
 
 
-async def _parse_multipart(request: Request, query: Options, settings: HTTPSettings) -> InferenceRequest:
+async def _parse_multipart(request: Request, query: Options, settings: Settings) -> InferenceRequest:
     body = await read_body(request, settings.max_body_bytes)  # the limit holds for chunked bodies too
 
     async def replay_body() -> dict:
@@ -237,9 +132,9 @@ def _result_response(task: Task, spec, parsed: InferenceRequest, output: Any, re
     return Response(typed.model_dump_json(), media_type="application/json", headers=headers)
 
 
-def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -> FastAPI:
-    """The FastAPI app over ``plane``."""
-    settings = settings or HTTPSettings.from_env()
+def create_http_app(plane: DataPlane, settings: Settings, *, echo_request_id: bool = True) -> FastAPI:
+    """The FastAPI app over ``plane``. ``echo_request_id``: answer with X-Request-ID (under Ray
+    Serve its proxy settles and returns the id itself)."""
     app = FastAPI(
         title="hybridserve",
         version="0.1.0",
@@ -249,20 +144,19 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
     )
     app.state.plane = plane
     app.add_middleware(CancelOnDisconnect)  # innermost: the request id is still bound when it logs the 499
-    policy = AuthPolicy.from_env()
+    policy = AuthPolicy.from_settings(settings)
     if policy.enabled:
         app.add_middleware(AuthMiddleware, policy=policy)
-    if settings.echo_request_id:  # in-process; under Ray Serve its proxy settles and returns the id
+    if echo_request_id:  # in-process; under Ray Serve its proxy settles and returns the id
         app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:  # off unless configured; outermost, so preflights need no key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Request-ID", "X-Batch-Size"])
-    from hybridserve.server.transports.oip_http import oip_router  # imports this module, so not at the top
     app.include_router(oip_router(plane, settings))
 
     @app.exception_handler(HybridServeError)
     async def _typed(request: Request, exc: HybridServeError):
-        return error_response(exc, request.headers.get("x-request-id") if settings.echo_request_id else None)
+        return error_response(exc, request.headers.get("x-request-id") if echo_request_id else None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -288,17 +182,17 @@ def create_http_app(plane: DataPlane, *, settings: HTTPSettings | None = None) -
         request_id = request_id_of(request)
         seen = metrics.observe_request("http", name, plane.endpoints, request_id, request.headers.get("content-length"))
         try:
-            timeout = _timeout(request, settings)
+            timeout = request_timeout(request, settings)
             parsed = await parse_inference(request, query, settings)
             outcome = await plane.infer(name, verb, parsed, timeout)
         except ClientDisconnect:  # gone while sending its body: nobody to answer
             seen.cancelled()
             return Response(status_code=metrics.CLIENT_CLOSED_REQUEST)
         except Exception as exc:  # every failure leaves through the error table
-            return error_response(seen.failed(exc), request_id if settings.echo_request_id else None)
+            return error_response(seen.failed(exc), request_id if echo_request_id else None)
         timing = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in outcome.timings.items())
         headers = {"X-Batch-Size": str(outcome.batch_size), "Server-Timing": timing}
-        if settings.echo_request_id:
+        if echo_request_id:
             headers["X-Request-ID"] = request_id
         spec = plane.endpoint(name).spec
         response = _result_response(TASKS[spec.task], spec, parsed, outcome.result, request, headers)
@@ -372,16 +266,3 @@ def _add_infer_route(app: FastAPI, infer, task: Task, doc: dict) -> None:
 
 def _json(model) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
-
-
-def _timeout(request: Request, settings: HTTPSettings) -> float:
-    raw = request.headers.get("x-request-timeout")
-    if raw is None:
-        return settings.default_timeout_s
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidInput("X-Request-Timeout must be a number of seconds") from None
-    if not 0 < value <= settings.max_timeout_s:
-        raise InvalidInput(f"X-Request-Timeout must be in (0, {settings.max_timeout_s:g}] seconds")
-    return value

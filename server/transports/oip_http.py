@@ -23,7 +23,8 @@ from hybridserve.server.observability import metrics
 from hybridserve.server.transports import oip
 from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.core.errors import InvalidInput, as_hybridserve_error
-from hybridserve.server.transports.http_api import HTTPSettings, read_body, request_id_of
+from hybridserve.server.core.settings import Settings
+from hybridserve.server.transports.http_base import read_body, request_id_of
 
 INFERENCE_HEADER = "Inference-Header-Content-Length"
 
@@ -165,9 +166,8 @@ def infer_response(answer: oip.InferAnswer, binary_outputs: set[str] | None) -> 
                     headers={INFERENCE_HEADER: str(len(encoded))})
 
 
-def oip_router(plane: DataPlane, settings: HTTPSettings | None = None) -> APIRouter:
+def oip_router(plane: DataPlane, settings: Settings) -> APIRouter:
     """The ``/v2`` routes over ``plane``."""
-    settings = settings or HTTPSettings.from_env()
     router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], responses=OIP_ERRORS)
 
     @router.get("", summary="Server metadata")
@@ -205,7 +205,7 @@ def oip_router(plane: DataPlane, settings: HTTPSettings | None = None) -> APIRou
         try:
             header, binary = _split_body(request, await read_body(request, settings.max_body_bytes))
             call, binary_outputs = parse_infer_request(name, version, header, binary)
-            answer = await oip.infer(plane, call, settings.default_timeout_s)
+            answer = await oip.infer(plane, call, settings.request_timeout_s)
         except ClientDisconnect:  # gone while sending its body: nobody to answer
             seen.cancelled()
             return Response(status_code=metrics.CLIENT_CLOSED_REQUEST)

@@ -48,6 +48,14 @@ class AssessRequest(_message.Message):
     reference: bytes
     def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., reference: _Optional[bytes] = ...) -> None: ...
 
+class SegmentRequest(_message.Message):
+    __slots__ = ("model", "image")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: bytes
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -128,6 +136,34 @@ class AssessmentResult(_message.Message):
     higher_is_better: bool
     def __init__(self, model: _Optional[str] = ..., score: _Optional[float] = ..., kind: _Optional[str] = ..., range: _Optional[_Iterable[float]] = ..., higher_is_better: _Optional[bool] = ...) -> None: ...
 
+class SegmentClass(_message.Message):
+    __slots__ = ("index", "label", "pixels", "fraction")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    label: str
+    pixels: int
+    fraction: float
+    def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., pixels: _Optional[int] = ..., fraction: _Optional[float] = ...) -> None: ...
+
+class SegmentationResult(_message.Message):
+    __slots__ = ("model", "width", "height", "labels", "classes", "mask")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    width: int
+    height: int
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    classes: _containers.RepeatedCompositeFieldContainer[SegmentClass]
+    mask: bytes
+    def __init__(self, model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., classes: _Optional[_Iterable[_Union[SegmentClass, _Mapping]]] = ..., mask: _Optional[bytes] = ...) -> None: ...
+
 class InputContract(_message.Message):
     __slots__ = ("input_size", "resize", "color", "scale", "tile", "tile_overlap", "needs_reference")
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -157,7 +193,7 @@ class BatchingInfo(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., latency_slo_ms: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "task", "verb", "architecture", "status", "reason", "input", "batching", "labels", "backend", "device", "load_seconds", "description")
+    __slots__ = ("name", "task", "verb", "architecture", "status", "reason", "input", "batching", "labels", "backend", "device", "load_seconds", "description", "precision", "precision_reason", "fp32_layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERB_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +207,9 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    FP32_LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: str
     verb: str
@@ -184,7 +223,10 @@ class ModelInfo(_message.Message):
     device: str
     load_seconds: float
     description: str
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., verb: _Optional[str] = ..., architecture: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., input: _Optional[_Union[InputContract, _Mapping]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., labels: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., load_seconds: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
+    precision: str
+    precision_reason: str
+    fp32_layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., verb: _Optional[str] = ..., architecture: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., input: _Optional[_Union[InputContract, _Mapping]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., labels: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., load_seconds: _Optional[float] = ..., description: _Optional[str] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ..., fp32_layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelList(_message.Message):
     __slots__ = ("models",)

@@ -54,6 +54,11 @@ class HybridServeStub:
                 request_serializer=hybridserve_dot_v1_dot_hybridserve__pb2.AssessRequest.SerializeToString,
                 response_deserializer=hybridserve_dot_v1_dot_hybridserve__pb2.AssessmentResult.FromString,
                 _registered_method=True)
+        self.Segment = channel.unary_unary(
+                '/hybridserve.v1.HybridServe/Segment',
+                request_serializer=hybridserve_dot_v1_dot_hybridserve__pb2.SegmentRequest.SerializeToString,
+                response_deserializer=hybridserve_dot_v1_dot_hybridserve__pb2.SegmentationResult.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/hybridserve.v1.HybridServe/ListModels',
                 request_serializer=hybridserve_dot_v1_dot_hybridserve__pb2.ListModelsRequest.SerializeToString,
@@ -93,6 +98,12 @@ class HybridServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Segment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -127,6 +138,11 @@ def add_HybridServeServicer_to_server(servicer, server):
                     servicer.Assess,
                     request_deserializer=hybridserve_dot_v1_dot_hybridserve__pb2.AssessRequest.FromString,
                     response_serializer=hybridserve_dot_v1_dot_hybridserve__pb2.AssessmentResult.SerializeToString,
+            ),
+            'Segment': grpc.unary_unary_rpc_method_handler(
+                    servicer.Segment,
+                    request_deserializer=hybridserve_dot_v1_dot_hybridserve__pb2.SegmentRequest.FromString,
+                    response_serializer=hybridserve_dot_v1_dot_hybridserve__pb2.SegmentationResult.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -247,6 +263,33 @@ class HybridServe:
             '/hybridserve.v1.HybridServe/Assess',
             hybridserve_dot_v1_dot_hybridserve__pb2.AssessRequest.SerializeToString,
             hybridserve_dot_v1_dot_hybridserve__pb2.AssessmentResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Segment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hybridserve.v1.HybridServe/Segment',
+            hybridserve_dot_v1_dot_hybridserve__pb2.SegmentRequest.SerializeToString,
+            hybridserve_dot_v1_dot_hybridserve__pb2.SegmentationResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,7 +37,8 @@ from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as v1
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2_grpc as v1_grpc
 from hybridserve_client._grpc.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from hybridserve.server.core.errors import ERROR_TABLE
-from hybridserve.server.observability.metrics import FAMILIES, UNKNOWN_MODEL, ray_metrics_targets
+from hybridserve.server.observability.families import FAMILIES, UNKNOWN_MODEL
+from hybridserve.server.observability.metrics import ray_metrics_targets
 from tests.conftest import PSNR_SPEC, LocalServer, write_generated_weights, write_spec
 
 RAY_PREFIX = "ray_"

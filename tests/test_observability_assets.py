@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hybridserve.server.observability.metrics import FAMILIES, RAY_PREFIX, Family
+from hybridserve.server.observability.families import FAMILIES, RAY_PREFIX, Family
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "hybridserve.json"
@@ -79,7 +79,7 @@ def check_structure(query: str) -> list[str]:
         problems.append("names no hybridserve metric")
     unknown = [name for name in names if name not in SAMPLES]
     if unknown:
-        problems.append(f"names metrics that server/observability/metrics.py does not export: {unknown}")
+        problems.append(f"names metrics that server/observability/families.py does not export: {unknown}")
     labels = {label for name in names if name in SAMPLES for label in SAMPLES[name].labels} | COMMON_LABELS
     for grouping in GROUPING.findall(query):
         strangers = {label.strip() for label in grouping.split(",") if label.strip()} - labels

@@ -78,7 +78,7 @@ def test_image_limits_apply_over_http_and_grpc(limited, size, fits):
         assert answer.status_code == 413 and "exceeds the limit of 5000 pixels" in answer.json()["error"]["message"]
         with pytest.raises(grpc.RpcError) as error:
             stub.Classify(v1.ClassifyRequest(model="classifier", image=body), timeout=30)
-        assert error.value.code() == ERROR_TABLE["payload_too_large"].grpc_code and "100 per side" in error.value.details()
+        assert error.value.code() == grpc.StatusCode[ERROR_TABLE["payload_too_large"].grpc_status] and "100 per side" in error.value.details()
 
 
 def test_body_limit_applies_to_the_typed_and_oip_routes(limited):

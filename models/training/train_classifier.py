@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from hybridserve.server import ModelSpec, builtin_repository, load_spec
 from hybridserve.models.builtin.classifier import HybridClassifier
 from hybridserve.models.training.digits import load_split, split_tensors
-from hybridserve.server.core.spec import ModelSpec, builtin_repository, load_spec
 
 
 def seed_everything(seed: int, threads: int) -> None:

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridserve.server import ModelSpec
 from hybridserve.models.builtin.detector import HybridDetector
 from hybridserve.models.training.detection_eval import evaluate_on_scenes
 from hybridserve.models.training.scenes import MAX_OBJECTS, Scene, make_scene, scene_batch
 from hybridserve.models.training.train_classifier import cosine_lr, spec_argument_parser, train_and_save
-from hybridserve.server.core.spec import ModelSpec
 
 SEEDS_PER_RUN = 10**8
 VALIDATION_SEED_START = 900_000_000  # scenes for the progress log: neither training nor held-out

@@ -35,12 +35,11 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
+from hybridserve.server import ModelSpec, builtin_repository, load_spec, resize_for_model
 from hybridserve.models.builtin.iqa import HybridIQA
 from hybridserve.models.training import photos
 from hybridserve.models.training.train_classifier import seed_everything
 from hybridserve.models.training.train_restorer import fit, train_and_save
-from hybridserve.server.core.images import resize_for_model
-from hybridserve.server.core.spec import ModelSpec, builtin_repository, load_spec
 
 EVAL_STRENGTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 EVAL_SEED = 2024

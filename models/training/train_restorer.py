@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridserve.server import ModelSpec, builtin_repository, load_spec
 from hybridserve.models.builtin.restorer import HybridRestorer
 from hybridserve.models.training import photos
 from hybridserve.models.training.train_classifier import cosine_lr, save_weights, seed_everything
-from hybridserve.server.core.spec import ModelSpec, builtin_repository, load_spec
 
 NOISE_SIGMA = 25.0
 EVAL_NOISE_SEED = 2024

@@ -99,6 +99,7 @@ def _serve_local(specs, args: argparse.Namespace) -> int:
     from hybridserve.server.engine.local import local_plane
     from hybridserve.server.engine.runtime import configure_threads
     from hybridserve.server.core.settings import Settings
+    from hybridserve.server.observability import runtime_metrics
     from hybridserve.server.transports.grpc_server import start_grpc_server
     from hybridserve.server.transports.http_api import create_http_app
 
@@ -106,7 +107,7 @@ def _serve_local(specs, args: argparse.Namespace) -> int:
     # share one torch pool, and the event loop needs a core of its own on small machines.
     configure_threads(min(max(spec.device.cpus for spec in specs), os.cpu_count() or 1))
     settings = Settings.from_env()  # read once, passed down
-    plane = local_plane(specs, args.device, settings.limits)
+    plane = local_plane(specs, args.device, settings.limits, runtime_metrics)
 
     async def serve() -> None:
         grpc_server = None if args.grpc_port == 0 else await start_grpc_server(plane, settings, args.host, args.grpc_port)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import grpc
-
 
 @dataclass(frozen=True)
 class ErrorKind:
     code: str
     http_status: int
-    grpc_code: grpc.StatusCode
+    grpc_status: str  # the name of a grpc.StatusCode (this module imports no transport)
 
 
 class HybridServeError(Exception):
@@ -84,21 +82,20 @@ class InternalError(HybridServeError):
     code = "internal"
 
 
-_C = grpc.StatusCode
 ERROR_TABLE: dict[str, ErrorKind] = {
     kind.code: kind
     for kind in (
-        ErrorKind("invalid_input", 400, _C.INVALID_ARGUMENT),
-        ErrorKind("wrong_task", 400, _C.INVALID_ARGUMENT),
-        ErrorKind("unauthenticated", 401, _C.UNAUTHENTICATED),
-        ErrorKind("model_not_found", 404, _C.NOT_FOUND),
-        ErrorKind("payload_too_large", 413, _C.INVALID_ARGUMENT),
-        ErrorKind("unsupported_media_type", 415, _C.INVALID_ARGUMENT),
-        ErrorKind("unprocessable_image", 422, _C.INVALID_ARGUMENT),
-        ErrorKind("overloaded", 503, _C.RESOURCE_EXHAUSTED),
-        ErrorKind("model_not_ready", 503, _C.UNAVAILABLE),
-        ErrorKind("deadline_exceeded", 504, _C.DEADLINE_EXCEEDED),
-        ErrorKind("internal", 500, _C.INTERNAL),
+        ErrorKind("invalid_input", 400, "INVALID_ARGUMENT"),
+        ErrorKind("wrong_task", 400, "INVALID_ARGUMENT"),
+        ErrorKind("unauthenticated", 401, "UNAUTHENTICATED"),
+        ErrorKind("model_not_found", 404, "NOT_FOUND"),
+        ErrorKind("payload_too_large", 413, "INVALID_ARGUMENT"),
+        ErrorKind("unsupported_media_type", 415, "INVALID_ARGUMENT"),
+        ErrorKind("unprocessable_image", 422, "INVALID_ARGUMENT"),
+        ErrorKind("overloaded", 503, "RESOURCE_EXHAUSTED"),
+        ErrorKind("model_not_ready", 503, "UNAVAILABLE"),
+        ErrorKind("deadline_exceeded", 504, "DEADLINE_EXCEEDED"),
+        ErrorKind("internal", 500, "INTERNAL"),
     )
 }
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hybridserve.models import create_model
-from hybridserve.server.observability import metrics
+from hybridserve.server.engine.observer import NULL_OBSERVER, RuntimeObserver
 from hybridserve.server.compiler.compile import CompileResult, compile_model
 from hybridserve.server.core.errors import DeadlineExceeded, HybridServeError, InternalError, ModelNotReady, Overloaded
 from hybridserve.server.tasks import InferenceRequest, TaskHandler, task_of
@@ -79,7 +79,8 @@ def configure_threads(cpus: float) -> int:
 
 
 class ModelRuntime:
-    def __init__(self, spec: ModelSpec, device: str | None = None, limits: ImageLimits | None = None):
+    def __init__(self, spec: ModelSpec, device: str | None = None, limits: ImageLimits | None = None,
+                 observer: RuntimeObserver = NULL_OBSERVER):
         self.spec = spec
         self.device = torch.device(device or ("cuda" if spec.device.type == "cuda" else "cpu"))
         self.status = "loading"
@@ -91,6 +92,7 @@ class ModelRuntime:
         self.in_flight_items = 0
         self.max_queue = spec.batching.max_queue
         self.limits = limits or ImageLimits()
+        self.observer = observer
 
     # ------------------------------------------------------------ loading
 
@@ -108,18 +110,18 @@ class ModelRuntime:
             )
             loaded.module.to(self.device)
             handler = task_of(spec.task).handler(spec, loaded, self.device, self.limits)
-            with metrics.load_stage(spec.name, "compile"):
+            with self.observer.load_stage(spec.name, "compile"):
                 self.compiled = compile_model(handler, spec.compile, self.device)
             handler.module, self.backend = self.compiled.module, self.compiled.backend
             self.handler = handler
-            with metrics.load_stage(spec.name, "warmup"):
+            with self.observer.load_stage(spec.name, "warmup"):
                 self._warm_up()
             self.status = "ready"
         except Exception as exc:  # a broken model must not take the server down
             self.status, self.reason = "failed", f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", self.spec.name, self.reason)
         self.load_seconds = round(time.perf_counter() - started, 3)
-        metrics.model_loaded(self)
+        self.observer.model_loaded(self)
         cache = self.compiled.cache if self.compiled else None
         log.info("model %s %s in %.2fs (backend %s%s)", self.spec.name, self.status, self.load_seconds, self.backend,
                  f", compile cache {cache}" if cache else "")
@@ -153,7 +155,7 @@ class ModelRuntime:
         if len(outputs) != len(live):
             raise InternalError(f"{type(self.handler).__name__}.forward returned {len(outputs)} outputs for {len(live)} items")
         compute = time.perf_counter() - started
-        metrics.batch_done(self.spec.name, [now - entries[i].enqueued for i in live], compute, self.device)
+        self.observer.batch_done(self.spec.name, [now - entries[i].enqueued for i in live], compute, self.device)
         for index, output in zip(live, outputs):
             results[index] = BatchOutput(
                 output=output, batch_size=len(live), queue_s=now - entries[index].enqueued, compute_s=compute,
@@ -179,7 +181,7 @@ class ModelRuntime:
                 retry_after=1.0,
             )
         self.in_flight_items += count
-        metrics.queued_items(self.spec.name, self.in_flight_items)
+        self.observer.queued_items(self.spec.name, self.in_flight_items)
         entries = [Entry(item, deadline) for item in prepared.items]
         try:
             outs = await asyncio.gather(*(submit(entry) for entry in entries))
@@ -188,7 +190,7 @@ class ModelRuntime:
             raise
         finally:
             self.in_flight_items -= count
-            metrics.queued_items(self.spec.name, self.in_flight_items)
+            self.observer.queued_items(self.spec.name, self.in_flight_items)
         for out in outs:
             if out.error is not None:
                 raise out.error
@@ -206,12 +208,12 @@ class ModelRuntime:
                 "total": finished - started,
             },
         )
-        metrics.inference_done(self.spec.name, prepared.items, outcome.timings)
+        self.observer.inference_done(self.spec.name, prepared.items, outcome.timings)
         return outcome
 
     def _drop_cancelled(self, entries: Sequence[Entry]) -> None:
         """Take a cancelled request's items out of the batch queue; those in a running batch finish unused."""
         dropped = sum(entry.leave_queue("cancelled") for entry in entries)
-        metrics.items_cancelled(self.spec.name, dropped)
+        self.observer.items_cancelled(self.spec.name, dropped)
         log.debug("model %s: request cancelled, %d of its %d items dropped before compute",
                   self.spec.name, dropped, len(entries))

@@ -39,7 +39,7 @@ from ray.serve import Application
 
 from hybridserve_client.schemas import BatchingInfo, ModelInfo
 from hybridserve.server.engine.adaptive import AdaptiveBatchController, BatchingChoice
-from hybridserve.server.observability import metrics
+from hybridserve.server.observability import metrics, runtime_metrics
 from hybridserve.server.engine.dataplane import DataPlane, LocalEndpoint, describe
 from hybridserve.server.core.errors import HybridServeError, ModelNotReady, as_hybridserve_error
 from hybridserve.server.transports.grpc_services import OIPServicerMixin, TaskServicerMixin
@@ -142,7 +142,7 @@ class ModelDeployment:
         metrics.instrument_ray_replica()
         configure_threads(_assigned_cpus(spec.device.cpus))
         self.spec = spec
-        self.runtime = ModelRuntime(spec, device, Settings.from_env().limits)
+        self.runtime = ModelRuntime(spec, device, Settings.from_env().limits, runtime_metrics)
         self.runtime.load()
         # Batches get their own thread, not the default executor shared with every request's hops.
         self._batch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
@@ -260,7 +260,7 @@ class CombinedGateway(_Ingress):
         configure_threads(max(spec.device.cpus for spec in specs))
         self.specs = specs
         settings = Settings.from_env()
-        self.init_services(local_plane(specs, device, settings.limits), settings)
+        self.init_services(local_plane(specs, device, settings.limits, runtime_metrics), settings)
 
 
 def app(args: AppArgs) -> Application:

@@ -53,7 +53,10 @@ ERRORS: dict[int, tuple[int, str, str, int | None]] = {
 }
 REASONS = {400: "Bad Request", 408: "Request Timeout", 500: "Internal Server Error", 501: "Not Implemented",
            503: "Service Unavailable", 504: "Gateway Timeout"}
-NOT_FOUND = json.dumps({"error": {"code": "model_not_found", "message": "no route for this path (yet)"}})
+# Ray routes nothing (its default backend's 404) while the application has no routable gateway
+# replica, e.g. during a redeploy: with our one application at "/", that is a 503 to retry.
+NO_ROUTE = json.dumps({"error": {"code": "model_not_ready", "message": "the application has no ready "
+                                                                       "gateway replica right now; retry"}})
 # Headers above HEADER_LIMIT get a JSON 431 from a frontend rule; a request line and headers above
 # BUFSIZE never become a stream, and HAProxy's connection layer answers its own HTML 400.
 HEADER_LIMIT = 32 * 1024
@@ -111,11 +114,11 @@ def json_errors(config: str, folder: Path) -> str:
     lines[at:at] = ours
     at = lines.index("frontend http_frontend") + 2  # after its bind line
     lines.insert(at, f"    http-request return status 431 content-type application/json string '{TOO_LARGE}' "
-                     f"if {{ req.hdrs,length gt {HEADER_LIMIT} }}")
+                     f"hdr {SOURCE_HEADER} proxy if {{ req.hdrs,length gt {HEADER_LIMIT} }}")
     text = "\n".join(lines) + "\n"
     return re.sub(r'http-request return status 404 content-type text/plain lf-string "[^\n]*"',
-                  lambda _: f"http-request return status 404 content-type application/json string '{NOT_FOUND}'",
-                  text)
+                  lambda _: f"http-request return status 503 content-type application/json string '{NO_ROUTE}' "
+                            f"hdr Retry-After 1 hdr {SOURCE_HEADER} proxy", text)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import functools
 import logging
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 
 from hybridserve_client._grpc.hybridserve.oip.v2 import open_inference_pb2 as oip_pb
@@ -55,7 +56,7 @@ def report_error(context: Any, exc: BaseException) -> None:
         log.error("gRPC call failed", exc_info=exc)
     if context is None:
         raise error from exc
-    context.set_code(error.kind.grpc_code)
+    context.set_code(grpc.StatusCode[error.kind.grpc_status])
     context.set_details(error.message)
     metadata = [(ERROR_CODE_METADATA, error.code)]
     if error.retry_after is not None:

@@ -77,7 +77,10 @@ class RayServer:
             [sys.executable, "-m", "hybridserve.server.cli.main", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--repository", str(repository),
              "--metrics-export-port", str(self.metrics_port), *args],
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})},
+            # HAProxy's stats and metrics ports too: servers starting at once would all find 8404 free.
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                 **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)

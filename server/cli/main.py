@@ -15,7 +15,7 @@ from hybridserve.server.observability.logs import LOG_FORMAT_ENV, LOG_FORMATS, c
 from hybridserve.server.core.spec import SpecError
 from hybridserve.server.repository import builtin_repository, load_repository, load_spec
 
-LAYOUTS = ("deployments", "combined")  # ray_app.Layout, without importing Ray here
+LAYOUTS = ("auto", "deployments", "combined")  # rayserve.options.Layout, without importing Ray here
 DRAIN_GRACE_S = 25.0  # in-flight gRPC calls get this long after SIGTERM (fits Kubernetes' 30 s)
 
 
@@ -135,9 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--device", choices=["cpu", "cuda"], help="override every spec's device")
     serve_p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     serve_p.add_argument("--no-ray", action="store_true", help="serve in this process without Ray (HTTP and gRPC; --grpc-port 0: HTTP only)")
-    serve_p.add_argument("--layout", choices=LAYOUTS, default="deployments",
-                         help="Ray: a deployment per model behind the gateway, or every model in the gateway "
-                              "(combined: no hop, for small models; docs/performance.md)")
+    serve_p.add_argument("--layout", choices=LAYOUTS, default="auto",
+                         help="Ray: every model in the gateway (combined: no hop), or a deployment per model "
+                              "reached once per batch; auto picks combined where the models fit one node "
+                              "as one unit (docs/performance.md)")
+    serve_p.add_argument("--ingress-replicas", type=int, default=1,
+                         help="Ray, deployments layout: gateway replicas that parse, decode and batch")
     serve_p.add_argument("--verbose", action="store_true")
     serve_p.add_argument("--log-format", choices=LOG_FORMATS, help=f"log lines as text or JSON (default: ${LOG_FORMAT_ENV} or text)")
     serve_p.add_argument("--metrics-export-port", type=int, default=8080,
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_p.add_argument("--port", type=int, default=8000)
     config_p.add_argument("--grpc-port", type=int, default=9000)
     config_p.add_argument("--device", choices=["cpu", "cuda"])
-    config_p.add_argument("--layout", choices=LAYOUTS, default="deployments")
+    config_p.add_argument("--layout", choices=LAYOUTS, default="auto")
     config_p.set_defaults(func=cmd_config)
 
     add_deploy_parser(sub)

@@ -24,6 +24,7 @@ def serve_ray(repository: str, specs, args: argparse.Namespace, banner) -> int:
     from hybridserve.server.observability import metrics
     from hybridserve.server.rayserve import haproxy
     from hybridserve.server.rayserve.app import APP_NAME, AppArgs, app
+    from hybridserve.server.rayserve.options import choose_layout
     from hybridserve.server.rayserve.cluster import Lifecycle, drain_grace_s
 
     grace_s = drain_grace_s(args.drain_grace_s)
@@ -55,9 +56,11 @@ def serve_ray(repository: str, specs, args: argparse.Namespace, banner) -> int:
         http_options={"host": args.host, "port": args.port},
         grpc_options={"port": args.grpc_port, "grpc_servicer_functions": grpc_servicers()},
     )
-    print(f"Loading {len(specs)} model(s) on Ray Serve ...", flush=True)
-    serve.run(app(AppArgs(repository=repository, device=args.device, layout=args.layout)), name=APP_NAME,
-              route_prefix="/")
+    node_cpus = max(float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive"))
+    layout, why = choose_layout(specs, args.layout, node_cpus)
+    print(f"Loading {len(specs)} model(s) on Ray Serve, layout {layout}: {why} ...", flush=True)
+    serve.run(app(AppArgs(repository=repository, device=args.device, layout=layout,
+                          ingress_replicas=args.ingress_replicas)), name=APP_NAME, route_prefix="/")
     if not lifecycle.stop.is_set():
         banner(args, specs, grpc=bool(grpc_servicers()), metrics_targets=metrics.ray_metrics_targets())
     lifecycle.wait()

@@ -1,44 +1,53 @@
-"""Dynamic batching for in-process serving (no Ray), with the semantics of ``@serve.batch``.
+"""Dynamic batching: one queue per model, the same loop in-process and in front of a Ray hop.
 
-Items wait until ``max_batch_size`` are queued or the oldest has waited ``max_wait_ms``;
-when the queue is empty and the worker idle, a lone item runs at once (no fixed wait at
-concurrency 1). One batch computes at a time, in the batcher's own thread, so the event loop
-keeps decoding and queueing the next batch meanwhile. Under Ray the deployment uses
-``@serve.batch`` instead; both call the same ``run_batch``.
+Items wait until ``max_batch_size`` are queued or the oldest has waited ``max_wait_ms``; when the
+queue is empty and nothing is computing, a lone item goes at once (no fixed wait at
+concurrency 1). A formed batch is handed to ``execute``, an awaitable that runs it *somewhere*:
 
-With ``latency_slo_ms`` an ``AdaptiveBatchController`` re-chooses the batch size and wait
-after every batch (``max_batch_size`` is then the ceiling).
+* ``AsyncBatcher`` (in-process): the model's forward on the batcher's own thread, one batch at a
+  time, so the event loop keeps decoding and queueing the next batch meanwhile;
+* ``rayserve.remote.RayBatcher``: one Ray handle call per batch to the model's deployment (the
+  per-batch hop), with a second batch allowed in flight so the replica never waits on the network.
+
+With ``latency_slo_ms`` an ``AdaptiveBatchController`` re-chooses the batch size and wait after
+every batch (``max_batch_size`` is then the ceiling). Items whose caller has gone (their future
+is cancelled) are dropped before dispatch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hybridserve.server.engine.adaptive import AdaptiveBatchController, BatchingChoice
 
+Execute = Callable[[list[Any]], Awaitable[Sequence[Any]]]
 
-class AsyncBatcher:
-    def __init__(self, run_batch: Callable[[Sequence[Any]], list[Any]], max_batch_size: int, max_wait_ms: float,
-                 latency_slo_ms: float | None = None):
-        self._run_batch = run_batch
+
+class Batcher:
+    def __init__(self, execute: Execute, max_batch_size: int, max_wait_ms: float,
+                 latency_slo_ms: float | None = None, max_in_flight: int = 1):
+        self._execute = execute
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
+        self.max_in_flight = max_in_flight
         self.controller = None if latency_slo_ms is None else AdaptiveBatchController(
             latency_slo_ms, max_batch_size, BatchingChoice(max_batch_size, max_wait_ms))
         self._queue: list[tuple[Any, asyncio.Future, float]] = []
-        # Batches run on their own thread: in the shared default executor they would queue
-        # behind every request's preprocess and postprocess hops (a tail-latency source).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
+        self._in_flight: set[asyncio.Task] = set()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
     def configure(self, max_batch_size: int, max_wait_ms: float) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     async def submit(self, entry: Any) -> Any:
         if self._worker is None or self._worker.done():
@@ -56,29 +65,40 @@ class AsyncBatcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queue:
+            while self._queue and len(self._in_flight) < self.max_in_flight:
                 await self._fill()
                 waiting = len(self._queue)
-                batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size :]
+                batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size:]
                 batch = [(e, f, t) for e, f, t in batch if not f.cancelled()]
                 if not batch:
                     continue
-                started = time.monotonic()
-                try:
-                    results = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, self._run_batch, [e for e, _, _ in batch])
-                except Exception as exc:  # the whole batch failed: every caller sees it
-                    for _, future, _ in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                if self.controller is not None:
-                    choice = self.controller.observe(len(batch), time.monotonic() - started,
-                                                     [started - t for _, _, t in batch], waiting)
-                    self.configure(choice.max_batch_size, choice.max_wait_ms)
-                for (_, future, _), result in zip(batch, results):
-                    if not future.done():
-                        future.set_result(result)
+                task = asyncio.get_running_loop().create_task(self._run(batch, waiting))
+                self._in_flight.add(task)
+                task.add_done_callback(self._finished)
+                if self.max_in_flight == 1:
+                    await asyncio.wait({task})
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        if self._wakeup is not None:
+            self._wakeup.set()  # room for the next batch
+
+    async def _run(self, batch: list[tuple[Any, asyncio.Future, float]], waiting: int) -> None:
+        started = time.monotonic()
+        try:
+            results = await self._execute([e for e, _, _ in batch])
+        except Exception as exc:  # the whole batch failed: every caller sees it
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        if self.controller is not None:
+            choice = self.controller.observe(len(batch), time.monotonic() - started,
+                                             [started - t for _, _, t in batch], waiting)
+            self.configure(choice.max_batch_size, choice.max_wait_ms)
+        for (_, future, _), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
 
     async def _fill(self) -> None:
         """Wait for a full batch or the wait budget, whichever first; a lone item goes at once."""
@@ -90,7 +110,7 @@ class AsyncBatcher:
         await asyncio.sleep(0)
         while len(self._queue) < self.max_batch_size:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or (size == 1 and len(self._queue) == 1):
+            if remaining <= 0 or (size == 1 and len(self._queue) == 1 and not self._in_flight):
                 return
             self._wakeup.clear()
             try:
@@ -98,3 +118,19 @@ class AsyncBatcher:
             except TimeoutError:
                 return
             size = len(self._queue)
+
+
+class AsyncBatcher(Batcher):
+    """In-process: ``run_batch`` (a plain function) computes each batch on the batcher's own thread.
+
+    Batches get their own thread: in the shared default executor they would queue behind every
+    request's preprocess and postprocess hops (a tail-latency source)."""
+
+    def __init__(self, run_batch: Callable[[Sequence[Any]], list[Any]], max_batch_size: int, max_wait_ms: float,
+                 latency_slo_ms: float | None = None):
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
+
+        async def execute(entries: list[Any]) -> Sequence[Any]:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, run_batch, entries)
+
+        super().__init__(execute, max_batch_size, max_wait_ms, latency_slo_ms)

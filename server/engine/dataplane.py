@@ -1,8 +1,8 @@
 """The transport-agnostic data plane: what every API (typed HTTP, OIP HTTP/gRPC, typed gRPC) calls.
 
-A ``DataPlane`` holds one *endpoint* per model. An endpoint is either local (a ``ModelRuntime``
-in this process with its batch queue) or remote (a Ray Serve handle to the model's
-deployment); the data plane does not care which. Adapters translate their protocol into
+A ``DataPlane`` holds one ``Endpoint`` per model (``engine.endpoint``): its per-request pipeline
+and batcher, in front of a model that computes in this process or behind a per-batch Ray hop;
+the data plane does not care which. It sets each request's deadline, once. Adapters translate their protocol into
 ``DataPlane.infer`` and map ``HybridServeError`` through the one error table.
 """
 
@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from hybridserve_client.schemas import BatchingInfo, Health, InputContract, ModelInfo, ModelList
-from hybridserve.server.compiler.runner import CompileResult
 from hybridserve.server.core.errors import DeadlineExceeded, ModelNotFound, WrongTask
 from hybridserve.server.tasks import InferenceRequest
-from hybridserve.server.engine.runtime import BatchOutput, Entry, InferenceOutcome, ModelRuntime
+from hybridserve.server.engine.runtime import InferenceOutcome, ModelState
 from hybridserve.server.core.spec import ModelSpec
 
 
-def describe(spec: ModelSpec, status: str, reason: str | None = None, backend: str | None = None,
-             load_seconds: float | None = None, device: str | None = None,
-             batching: BatchingInfo | None = None, compiled: CompileResult | None = None) -> ModelInfo:
+def describe(spec: ModelSpec, state: ModelState, batching: BatchingInfo | None = None) -> ModelInfo:
     pre = spec.preprocessing
     restoring = spec.restoration is not None  # tiles, at a scale
     return ModelInfo(
@@ -31,8 +27,8 @@ def describe(spec: ModelSpec, status: str, reason: str | None = None, backend: s
         task=spec.task,
         verb=spec.verb,
         architecture=spec.architecture,
-        status=status,
-        reason=reason,
+        status=state.status,
+        reason=state.reason,
         input=InputContract(
             input_size=pre.input_size,
             resize=pre.resize if not restoring else "tiles",
@@ -48,12 +44,12 @@ def describe(spec: ModelSpec, status: str, reason: str | None = None, backend: s
             latency_slo_ms=spec.batching.latency_slo_ms,
         ),
         labels=len(spec.labels),
-        backend=backend,
-        precision=compiled.precision if compiled else None,
-        precision_reason=compiled and (compiled.precision_reason or (compiled.gate or {}).get("reason")),
-        fp32_layers=list(compiled.fp32_layers) if compiled else [],
-        device=device or spec.device.type,
-        load_seconds=load_seconds,
+        backend=state.backend,
+        precision=state.precision,
+        precision_reason=state.precision_reason,
+        fp32_layers=list(state.fp32_layers),
+        device=state.device or spec.device.type,
+        load_seconds=state.load_seconds,
         description=spec.description,
     )
 
@@ -63,28 +59,7 @@ class ModelEndpoint(Protocol):
 
     async def info(self) -> ModelInfo: ...
 
-    async def infer(self, request: InferenceRequest, timeout_s: float | None) -> InferenceOutcome: ...
-
-
-class LocalEndpoint:
-    """A model in this process: its runtime plus the function that queues an item for batching."""
-
-    def __init__(self, runtime: ModelRuntime, submit: Callable[[Entry], Awaitable[BatchOutput]],
-                 batching: Callable[[], BatchingInfo] | None = None):
-        self.runtime = runtime
-        self.spec = runtime.spec
-        self._submit = submit
-        self._batching = batching
-
-    async def info(self) -> ModelInfo:
-        rt = self.runtime
-        batching = self._batching() if self._batching else None
-        return describe(rt.spec, rt.status, rt.reason, rt.backend, rt.load_seconds, rt.device.type, batching,
-                        rt.compiled)
-
-    async def infer(self, request: InferenceRequest, timeout_s: float | None) -> InferenceOutcome:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        return await self.runtime.infer(request, self._submit, deadline)
+    async def infer(self, request: InferenceRequest, deadline: float | None) -> InferenceOutcome: ...
 
 
 class DataPlane:
@@ -116,9 +91,10 @@ class DataPlane:
             raise WrongTask(
                 f"model {name!r} does {endpoint.spec.task}: use POST /v1/models/{name}/{endpoint.spec.verb}, not /{verb}"
             )
+        # The deadline is set here, once, as an absolute time: it bounds the wait and rides on the items.
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            if timeout_s is None:
-                return await endpoint.infer(request, None)
-            return await asyncio.wait_for(endpoint.infer(request, timeout_s), timeout_s)
+            async with asyncio.timeout_at(None if deadline is None else asyncio.get_running_loop().time() + timeout_s):
+                return await endpoint.infer(request, deadline)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer from model {name!r} within {timeout_s:g}s") from None

@@ -1,18 +1,18 @@
-"""ModelRuntime: one loaded model and its request pipeline, the same in a Ray replica and in-process.
+"""ModelRuntime: one loaded model and its batched step, where the model computes.
 
-The pipeline reads top to bottom in ``infer``: admit → preprocess (per request) → items
-join the batch queue → ``run_batch`` (batched forward) → postprocess (per request).
-A runtime is ready only after a warm-up request has gone through that whole pipeline.
+``load`` builds, compiles and warms the model up (it is ready only after a warm-up request has
+gone through preprocess, forward and postprocess); ``run_batch`` runs one batch of items. The
+per-request pipeline around it is ``Endpoint``'s, wherever requests arrive: in this process, or
+in an ingress replica that reaches this runtime's Ray deployment once per batch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +21,8 @@ import torch
 from hybridserve.models import create_model
 from hybridserve.server.engine.observer import NULL_OBSERVER, RuntimeObserver
 from hybridserve.server.compiler.compile import CompileResult, compile_model
-from hybridserve.server.core.errors import DeadlineExceeded, HybridServeError, InternalError, ModelNotReady, Overloaded
-from hybridserve.server.tasks import InferenceRequest, TaskHandler, task_of
+from hybridserve.server.core.errors import DeadlineExceeded, HybridServeError, InternalError
+from hybridserve.server.tasks import TaskHandler, task_of
 from hybridserve.server.core.images import ImageLimits
 from hybridserve.server.core.spec import ModelSpec
 
@@ -57,6 +57,20 @@ class BatchOutput:
     compute_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class ModelState:
+    """How a loaded model stands, as ``GET /v1/models/{name}`` reports it (picklable: it crosses Ray)."""
+
+    status: str  # loading | ready | failed
+    reason: str | None = None
+    backend: str | None = None
+    load_seconds: float | None = None
+    device: str | None = None
+    precision: str | None = None
+    precision_reason: str | None = None
+    fp32_layers: tuple[str, ...] = ()
+
+
 @dataclass
 class InferenceOutcome:
     """A finished request: its result plus what the server reports about how it ran."""
@@ -89,8 +103,6 @@ class ModelRuntime:
         self.compiled: CompileResult | None = None
         self.load_seconds: float | None = None
         self.handler: TaskHandler | None = None
-        self.in_flight_items = 0
-        self.max_queue = spec.batching.max_queue
         self.limits = limits or ImageLimits()
         self.observer = observer
 
@@ -162,58 +174,15 @@ class ModelRuntime:
             )
         return results
 
-    async def infer(
-        self,
-        request: InferenceRequest,
-        submit: Callable[[Entry], Awaitable[BatchOutput]],
-        deadline: float | None = None,
-    ) -> InferenceOutcome:
-        """One request through the whole pipeline; ``submit`` puts an item in the batch queue."""
-        if self.status != "ready":
-            raise ModelNotReady(f"model {self.spec.name!r} is {self.status}" + (f": {self.reason}" if self.reason else ""))
-        started = time.perf_counter()
-        prepared = await asyncio.to_thread(self.handler.preprocess, request)
-        preprocessed = time.perf_counter()
-        count = len(prepared.items)
-        if self.in_flight_items + count > self.max_queue and self.in_flight_items > 0:
-            raise Overloaded(
-                f"model {self.spec.name!r} has {self.in_flight_items} items queued (limit {self.max_queue})",
-                retry_after=1.0,
-            )
-        self.in_flight_items += count
-        self.observer.queued_items(self.spec.name, self.in_flight_items)
-        entries = [Entry(item, deadline) for item in prepared.items]
-        try:
-            outs = await asyncio.gather(*(submit(entry) for entry in entries))
-        except asyncio.CancelledError:  # the client went away, or the deadline passed (the data plane's timeout)
-            self._drop_cancelled(entries)
-            raise
-        finally:
-            self.in_flight_items -= count
-            self.observer.queued_items(self.spec.name, self.in_flight_items)
-        for out in outs:
-            if out.error is not None:
-                raise out.error
-        batched = time.perf_counter()
-        result = await asyncio.to_thread(self.handler.postprocess, prepared, [o.output for o in outs])
-        finished = time.perf_counter()
-        outcome = InferenceOutcome(
-            result=result,
-            batch_size=max(o.batch_size for o in outs),
-            timings={
-                "preprocess": preprocessed - started,
-                "queue": max(o.queue_s for o in outs),
-                "compute": sum(o.compute_s for o in outs) / max(1, len(outs)),
-                "postprocess": finished - batched,
-                "total": finished - started,
-            },
-        )
-        self.observer.inference_done(self.spec.name, prepared.items, outcome.timings)
-        return outcome
+    def state(self) -> ModelState:
+        compiled = self.compiled
+        reason = compiled and (compiled.precision_reason or (compiled.gate or {}).get("reason"))
+        return ModelState(self.status, self.reason, self.backend, self.load_seconds, self.device.type,
+                          compiled.precision if compiled else None, reason or None,
+                          tuple(compiled.fp32_layers) if compiled else ())
 
-    def _drop_cancelled(self, entries: Sequence[Entry]) -> None:
-        """Take a cancelled request's items out of the batch queue; those in a running batch finish unused."""
-        dropped = sum(entry.leave_queue("cancelled") for entry in entries)
-        self.observer.items_cancelled(self.spec.name, dropped)
-        log.debug("model %s: request cancelled, %d of its %d items dropped before compute",
-                  self.spec.name, dropped, len(entries))
+    def traits(self) -> dict:
+        """What preprocess and postprocess need of the loaded model, without its weights (see ``Endpoint``)."""
+        loaded = self.handler.loaded
+        return {"architecture": loaded.architecture, "scale": loaded.scale, "pad_multiple": loaded.pad_multiple,
+                "in_channels": loaded.in_channels, "extra": {**loaded.extra, "min_size": self.handler.min_side}}

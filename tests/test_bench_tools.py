@@ -1,0 +1,75 @@
+"""The benchmark's own machinery: server CPU accounting over a real process tree, and the targets table."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from benchmarks.loadgen import server_cpu_seconds, server_processes
+from benchmarks.report import DEFAULT, Point, WorkloadResults, render, targets
+from benchmarks.servers import FASTAPI, LITSERVE, PLAIN_RAY
+
+# A server stand-in: a parent that starts a busy child and a busy detached grandchild (its own
+# parent exits at once, so it leaves the tree and stays only in the session), then sleeps.
+SPIN = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(60)\n"
+DETACH = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {SPIN!r}])"
+SERVER = f"""
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", {SPIN!r}])
+subprocess.Popen([sys.executable, "-c", {DETACH!r}])
+time.sleep(60)
+"""
+
+
+def test_server_cpu_counts_children_and_the_session():
+    server = subprocess.Popen([sys.executable, "-c", SERVER], start_new_session=True)
+    try:
+        before = server_cpu_seconds(server.pid)
+        deadline, used = time.monotonic() + 60, 0.0
+        while used < 1.0 and time.monotonic() < deadline:  # CPU time, however busy the machine is
+            time.sleep(0.5)
+            used = server_cpu_seconds(server.pid) - before
+        # 2 x 0.6 s of spinning: reached only if the grandchild outside the tree counts too
+        assert used >= 1.0, used
+        assert len(server_processes(server.pid)) >= 3
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def point(throughput: float, p50_ms: float, cpu_share: float) -> Point:
+    return Point(throughput, p50_ms, p50_ms * 2, 0, 10.0, 0.1, cpu_share)
+
+
+def test_targets_table_says_met_and_missed():
+    results = WorkloadResults("classifier", "aot", False, limit={"aot": {32: 1000.0}, "eager": {32: 800.0}},
+                              pipeline_ms={"eager": 4.0, "aot": 3.0})
+    results.runs = {
+        DEFAULT: {1: [point(100, 9.0, 1.0)], 32: [point(300, 50, 1.5)]},  # 5 CPU-ms per request
+        PLAIN_RAY: {32: [point(250, 60, 1.5)]},
+        LITSERVE: {32: [point(400, 40, 1.6)]},  # 4 CPU-ms per request
+        FASTAPI: {1: [point(120, 5.0, 1.0)]},
+        "hybridserve no-ray (aot)": {32: [point(520, 30, 1.0)]},
+    }
+    rows = {line.split(" | ")[1]: line for line in targets([results])[2:]}
+    assert "1.20x" in rows["default `hybridserve serve`, c=32: / plain Ray Serve app >= 1.0"]
+    assert rows["default `hybridserve serve`, c=32: / plain Ray Serve app >= 1.0"].endswith("| yes |")
+    assert rows["default, c=32: / LitServe batched >= 1.0"].endswith("| NO |")
+    assert rows["`--no-ray` (aot), c=32: / LitServe batched >= 1.2"].endswith("| yes |")  # 1.3x
+    assert rows["`--no-ray` (aot), c=32: / in-process aot limit >= 0.5"].endswith("| yes |")  # 0.52x
+    cpu = rows["default, c=32: server CPU-ms/request / LitServe's <= 1.0"]
+    assert "(5.00 vs 4.00 ms)" in cpu and cpu.endswith("| NO |")
+    assert rows["default, c=1: p50 minus plain FastAPI's p50 <= 3 ms"].endswith("4.00 ms | NO |")
+    rendered = render([results])
+    assert "| server CPU-ms/request |" in rendered and "| 5.00 |" in rendered
+
+
+def test_a_target_without_its_measurement_is_not_met_or_missed():
+    results = WorkloadResults("efficientformerv2-s0", "aot", True, limit={"eager": {8: 40.0}})
+    results.runs = {DEFAULT: {32: [point(39, 800, 1.0)]}}
+    rows = {line.split(" | ")[1]: line for line in targets([results])[2:]}
+    assert rows["default, c=32: / in-process limit (eager) >= 0.95"].endswith("| 0.97x | yes |")
+    assert rows["default `hybridserve serve`, c=32: / plain Ray Serve app >= 1.0"].endswith("| — | — |")

@@ -23,6 +23,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT.parent / "shared" / "eval"
 SPECS = Path(__file__).resolve().parent / "specs"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def free_port() -> int:
@@ -68,7 +69,8 @@ def build_test_repository(folder: Path, tmp: Path) -> Path:
         text = path.read_text()
         if "{eval}" in text and not EVAL.is_dir():
             continue
-        (folder / path.name).write_text(text.replace("{eval}", str(EVAL)).replace("{tmp}", str(tmp)))
+        text = text.replace("{eval}", str(EVAL)).replace("{tmp}", str(tmp)).replace("{fixtures}", str(FIXTURES))
+        (folder / path.name).write_text(text)
     return folder
 
 

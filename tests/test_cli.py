@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from safetensors.torch import save_file
+
+from hybridserve.server.repository import builtin_repository, load_repository
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -48,8 +51,9 @@ def test_models_check_reports_each_broken_spec(tmp_path: Path):
     assert any(line.startswith("FAIL gone") and "nope.safetensors" in line for line in lines)
 
 
-def test_config_renders_one_application_with_per_model_deployments():
-    out = run("config", "--port", "8100")
+@pytest.mark.parametrize("layout", ["auto", "deployments"])
+def test_config_renders_one_application_in_the_chosen_layout(layout):
+    out = run("config", "--port", "8100", "--layout", layout)
     assert out.returncode == 0, out.stderr
     config = yaml.safe_load(out.stdout)
     from ray.serve.schema import ServeDeploySchema
@@ -58,6 +62,11 @@ def test_config_renders_one_application_with_per_model_deployments():
     (application,) = config["applications"]
     assert application["import_path"] == "hybridserve.server.rayserve.app:app"
     names = {d["name"] for d in application["deployments"]}
-    assert "model-classifier" in names and config["http_options"]["port"] == 8100
-    for deployment in application["deployments"]:
-        assert deployment["max_ongoing_requests"] >= deployment["user_config"]["max_batch_size"]
+    assert config["http_options"]["port"] == 8100
+    if layout == "auto":  # the built-in models fit one node as one unit: all in the gateway, no hop
+        assert application["args"]["layout"] == "combined" and names == {"Gateway"}
+        (gateway,) = application["deployments"]
+        assert gateway["ray_actor_options"]["num_cpus"] == sum(s.device.cpus for s in load_repository(builtin_repository()))
+    else:
+        assert application["args"]["layout"] == "deployments" and "model-classifier" in names
+        assert all("user_config" not in d for d in application["deployments"])  # batching is the ingress's

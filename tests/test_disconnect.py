@@ -178,7 +178,7 @@ def test_a_cancelled_grpc_call_is_recorded_as_499_and_leaves_nothing_in_flight(t
     """A gRPC client that cancels (or whose deadline passes) cancels the servicer's coroutine."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from hybridserve.server.observability import metrics
+    from hybridserve.server.observability import metrics, runtime_metrics
     from hybridserve.server.transports.grpc_services import TaskServicerMixin, v1
     from hybridserve.server.engine.local import local_plane
     from hybridserve.server.repository import load_spec
@@ -189,7 +189,7 @@ def test_a_cancelled_grpc_call_is_recorded_as_499_and_leaves_nothing_in_flight(t
                                 architecture_args={"delay_s": 2.0}, preprocessing={"input_size": [16, 16]},
                                 labels=["a", "b"]))
     servicer = TaskServicerMixin()
-    servicer.init_services(local_plane([spec]), Settings())
+    servicer.init_services(local_plane([spec], observer=runtime_metrics), Settings())
 
     def sample(name: str, **labels: str) -> float:
         text = metrics.backend().exposition()[0].decode()

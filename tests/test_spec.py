@@ -31,7 +31,7 @@ def write(folder: Path, name: str, text: str) -> Path:
 
 def test_builtin_repository_is_valid():
     specs = load_repository(builtin_repository())
-    assert {s.task for s in specs} == {"classification", "detection", "restoration", "iqa"}
+    assert {s.task for s in specs} == {"classification", "detection", "restoration", "iqa", "segmentation"}
 
 
 def test_spec_is_frozen_and_defaults_apply(tmp_path):
@@ -51,7 +51,7 @@ def test_unknown_key_names_file_and_key(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        ("task: segmentation\n", "task"),
+        ("task: panoptic\n", "task"),
         ("batching: {max_batch_size: 0}\n", "batching.max_batch_size"),
         ("device: {type: tpu}\n", "device.type"),
         ("compile: {backend: magic}\n", "compile.backend"),

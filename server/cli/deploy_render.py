@@ -96,8 +96,10 @@ def cluster_serve_config(options: RenderOptions) -> dict[str, Any]:
     from hybridserve.server.cli.serve import grpc_servicers
     from hybridserve.server.rayserve.app import serve_config
 
+    # A deployment per model: what a platform team scales, places and budgets one by one.
     config = serve_config(str(options.repository), host="0.0.0.0", http_port=HTTP_PORT, grpc_port=GRPC_PORT,
-                          device="cuda" if options.gpu else None, grpc_servicer_functions=grpc_servicers())
+                          device="cuda" if options.gpu else None, grpc_servicer_functions=grpc_servicers(),
+                          layout="deployments")
     app = config["applications"][0]
     app["args"]["repository"] = MODEL_ROOT
     if options.gpu:

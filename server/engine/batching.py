@@ -7,7 +7,8 @@ concurrency 1). A formed batch is handed to ``execute``, an awaitable that runs 
 * ``AsyncBatcher`` (in-process): the model's forward on the batcher's own thread, one batch at a
   time, so the event loop keeps decoding and queueing the next batch meanwhile;
 * ``rayserve.remote.RayBatcher``: one Ray handle call per batch to the model's deployment (the
-  per-batch hop), with a second batch allowed in flight so the replica never waits on the network.
+  per-batch hop); a second, full batch may travel while one computes, so under load the replica
+  does not wait on the network.
 
 With ``latency_slo_ms`` an ``AdaptiveBatchController`` re-chooses the batch size and wait after
 every batch (``max_batch_size`` is then the ceiling). Items whose caller has gone (their future
@@ -65,7 +66,7 @@ class Batcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queue and len(self._in_flight) < self.max_in_flight:
+            while self._queue and self._room():
                 await self._fill()
                 waiting = len(self._queue)
                 batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size:]
@@ -77,6 +78,15 @@ class Batcher:
                 task.add_done_callback(self._finished)
                 if self.max_in_flight == 1:
                     await asyncio.wait({task})
+
+    def _room(self) -> bool:
+        """Another batch may go: none is in flight, or a full batch waits and the limit allows it.
+
+        Only full batches overtake a running one: a lone item waits here, where its request's
+        cancellation or deadline can still drop it, rather than in the model's queue."""
+        if not self._in_flight:
+            return True
+        return len(self._in_flight) < self.max_in_flight and len(self._queue) >= self.max_batch_size
 
     def _finished(self, task: asyncio.Task) -> None:
         self._in_flight.discard(task)

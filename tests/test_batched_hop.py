@@ -14,7 +14,6 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 
 from tests.test_http_api import png
 

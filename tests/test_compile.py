@@ -23,7 +23,7 @@ from hybridserve.server.compiler.compile import compile_model
 from hybridserve.server.compiler.runner import (
     BatchRunner, CompileMismatch, check_against_eager, default_buckets, example_batch, max_relative_error,
 )
-from hybridserve.server.tasks import ClassificationHandler
+from hybridserve.server.tasks.classification import ClassificationHandler
 from hybridserve.server.core.spec import Batching, Compile, ModelSpec, Preprocessing
 from hybridserve.server.repository import builtin_repository, load_spec
 

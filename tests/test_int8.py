@@ -24,7 +24,7 @@ from hybridserve.server.compiler.quantize import export_graph, quantizable_layer
 from hybridserve.server.compiler.runner import example_batch, max_relative_error
 from hybridserve.server import builtin_repository, load_spec
 from hybridserve.server.core.spec import AccuracyGate, Calibration, Compile, ModelSpec, Preprocessing
-from hybridserve.server.engine.dataplane import LocalEndpoint
+from hybridserve.server.engine.dataplane import describe
 from hybridserve.server.engine.runtime import ModelRuntime
 from hybridserve.server.tasks.classification import ClassificationHandler
 
@@ -198,12 +198,12 @@ def test_a_model_with_nothing_to_quantise_serves_fp32_with_the_reason(images, ca
 async def test_the_runtime_reports_the_precision_in_use_and_the_reason(images, cache, tmp_path):
     served = ModelRuntime(spec_for("ConvNet", images))
     served.load()
-    info = await LocalEndpoint(served, None).info()
+    info = describe(served.spec, served.state())
     assert served.status == "ready", served.reason
     assert info.precision == "int8" and "SNR" in info.precision_reason and info.fp32_layers == []
     missing = ModelRuntime(spec_for("ConvNet", tmp_path / "absent"))
     missing.load()
-    info = await LocalEndpoint(missing, None).info()
+    info = describe(missing.spec, missing.state())
     assert missing.status == "ready" and info.precision == "fp32" and "does not exist" in info.precision_reason
 
 

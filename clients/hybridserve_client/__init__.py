@@ -9,7 +9,7 @@ Light by design: pydantic, httpx, numpy and pillow; grpcio with the ``grpc`` ext
 imports torch or Ray.
 """
 
-from hybridserve_client._base import BaseClient, Operation, RetryPolicy
+from hybridserve_client._base import USE_CLIENT_DEFAULT, BaseClient, Operation, RetryPolicy
 from hybridserve_client.client import AsyncClient, Client
 from hybridserve_client.exceptions import (
     ConnectionFailed,
@@ -27,24 +27,27 @@ from hybridserve_client.exceptions import (
     UnsupportedMediaType,
     WrongTask,
 )
-from hybridserve_client.results import RestoredImage
-from hybridserve_client.schemas import (
+from hybridserve_client.results import (
     AssessmentResult,
     ClassificationResult,
     ClassPrediction,
     Detection,
     DetectionResult,
-    Health,
-    ModelInfo,
     RestorationResult,
+    RestoredImage,
+    SegmentationResult,
+    SegmentClass,
 )
+from hybridserve_client.schemas import Health, ModelInfo
+from hybridserve_client.tasks import TASKS, TaskInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AssessmentResult", "AsyncClient", "BaseClient", "ClassPrediction", "ClassificationResult", "Client",
-    "ConnectionFailed", "Detection", "DetectionResult", "Health", "HybridServeError", "InvalidInput",
-    "ModelInfo", "ModelNotFound", "ModelNotReady", "Operation", "Overloaded", "PayloadTooLarge",
-    "RestorationResult", "RestoredImage", "RetryPolicy", "ServerError", "Timeout", "Unauthenticated",
-    "Unavailable", "UnprocessableImage", "UnsupportedMediaType", "WrongTask",
+    "TASKS", "USE_CLIENT_DEFAULT", "AssessmentResult", "AsyncClient", "BaseClient", "ClassPrediction",
+    "ClassificationResult", "Client", "ConnectionFailed", "Detection", "DetectionResult", "Health",
+    "HybridServeError", "InvalidInput", "ModelInfo", "ModelNotFound", "ModelNotReady", "Operation", "Overloaded",
+    "PayloadTooLarge", "RestorationResult", "RestoredImage", "RetryPolicy", "SegmentClass", "SegmentationResult",
+    "ServerError", "TaskInfo", "Timeout", "Unauthenticated", "Unavailable", "UnprocessableImage",
+    "UnsupportedMediaType", "WrongTask",
 ]

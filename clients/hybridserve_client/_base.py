@@ -1,9 +1,13 @@
 """Everything the sync and async clients share and that does no I/O.
 
 ``BaseClient`` holds the configuration, turns method arguments into transport-neutral
-``Operation`` objects (input conversion, options, auth and request-id headers) and owns the
-retry policy. ``Client`` and ``AsyncClient`` add only the waiting: sending an operation through
-a transport, sleeping between attempts, and running many images concurrently.
+``Operation`` objects (input conversion, options, auth and request-id headers, the timeout)
+and owns the retry policy. ``Client`` and ``AsyncClient`` add only the waiting: sending an
+operation through a transport, sleeping between attempts, and running many images
+concurrently.
+
+Every call takes ``timeout=``: seconds, ``None`` for no deadline, or (the default)
+``USE_CLIENT_DEFAULT`` for the client's own setting, as httpx does.
 """
 
 from __future__ import annotations
@@ -19,11 +23,30 @@ from pydantic import BaseModel
 from hybridserve_client.exceptions import HybridServeError
 from hybridserve_client.inputs import EncodedImage, ImageInput, encode_image, is_batch
 from hybridserve_client.results import RestoredImage
+from hybridserve_client.tasks import TaskInfo, task_of
 
 OperationKind = Literal["infer", "models", "model", "live", "ready"]
 WireProtocol = Literal["http", "grpc"]
 DEFAULT_TIMEOUT_S = 30.0
 Result = BaseModel | RestoredImage  # a wire schema, or a restored image
+
+
+class UseClientDefault:
+    """The type of ``USE_CLIENT_DEFAULT``: a per-call argument left to the client's setting."""
+
+    def __repr__(self) -> str:
+        return "USE_CLIENT_DEFAULT"
+
+
+USE_CLIENT_DEFAULT = UseClientDefault()
+TimeoutArg = float | None | UseClientDefault
+
+
+def checked_timeout(timeout: float | None) -> float | None:
+    """``timeout`` if it is None or a positive number of seconds; ValueError otherwise."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+    return timeout
 
 
 @dataclass(frozen=True)
@@ -32,7 +55,7 @@ class Operation:
 
     kind: OperationKind
     model: str | None = None
-    verb: str | None = None
+    task: TaskInfo | None = None  # what an "infer" operation asks for
     image: EncodedImage | None = None
     reference: EncodedImage | None = None
     options: dict[str, Any] = field(default_factory=dict)  # only the options that were set
@@ -99,7 +122,7 @@ class BaseClient:
             raise ValueError("max_in_flight must be at least 1")
         self.url = url.rstrip("/")
         self.protocol: WireProtocol = protocol or protocol_of(url)
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self.retry_policy = RetryPolicy(retries, backoff, max_backoff)
         self.max_in_flight = max_in_flight
         self._auth: dict[str, str] = {}
@@ -111,14 +134,15 @@ class BaseClient:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, protocol={self.protocol!r})"
 
-    def _operation(self, kind: OperationKind, **fields: Any) -> Operation:
+    def _operation(self, kind: OperationKind, timeout: TimeoutArg = USE_CLIENT_DEFAULT, **fields: Any) -> Operation:
         headers = {**self._auth, "X-Request-ID": uuid.uuid4().hex}
-        return Operation(kind, headers=headers, timeout=self.timeout, **fields)
+        seconds = self.timeout if isinstance(timeout, UseClientDefault) else checked_timeout(timeout)
+        return Operation(kind, headers=headers, timeout=seconds, **fields)
 
     def _inference(self, verb: str, model: str, image: ImageInput, reference: ImageInput | None,
-                   options: dict[str, Any]) -> Operation:
+                   options: dict[str, Any], timeout: TimeoutArg = USE_CLIENT_DEFAULT) -> Operation:
         return self._operation(
-            "infer", model=model, verb=verb, image=encode_image(image),
+            "infer", timeout, model=model, task=task_of(verb), image=encode_image(image),
             reference=None if reference is None else encode_image(reference),
             options={k: v for k, v in options.items() if v is not None})
 
@@ -135,55 +159,3 @@ class BaseClient:
             return list(zip(image, reference, strict=True))
         shared = None if reference is None else encode_image(reference)  # read and encoded once for all
         return [(item, shared) for item in image]
-
-    # ------------------------------------------------------------ the API, shared by both clients
-    # Each method returns what ``_infer``/``_call``/``_probe`` return: the result itself on ``Client``,
-    # an awaitable of it on ``AsyncClient``. A list of images gives a list of results, in order.
-
-    def classify(self, model: str, image: ImageInput | list[ImageInput], top_k: int | None = None) -> Any:
-        """Classify one image (-> ClassificationResult) or a list of images (-> list of them)."""
-        return self._infer("classify", model, image, None, {"top_k": top_k})
-
-    def detect(self, model: str, image: ImageInput | list[ImageInput], score_threshold: float | None = None,
-               max_detections: int | None = None) -> Any:
-        """Detect objects (-> DetectionResult, boxes in input-image pixels)."""
-        return self._infer("detect", model, image, None,
-                           {"score_threshold": score_threshold, "max_detections": max_detections})
-
-    def restore(self, model: str, image: ImageInput | list[ImageInput], format: str = "png") -> Any:
-        """Super-resolve or denoise (-> RestoredImage; ``.image()`` is a PIL image, ``.array()`` numpy)."""
-        return self._infer("restore", model, image, None, {"format": format})
-
-    def assess(self, model: str, image: ImageInput | list[ImageInput],
-               reference: ImageInput | list[ImageInput] | None = None) -> Any:
-        """Score quality (-> AssessmentResult); full-reference models need ``reference``."""
-        return self._infer("assess", model, image, reference, {})
-
-    def models(self) -> Any:
-        """Every served model (-> list of ModelInfo)."""
-        return self._call(self._operation("models"), lambda listing: listing.models)
-
-    def model(self, name: str) -> Any:
-        """One model's description (-> ModelInfo); ModelNotFound if there is none."""
-        return self._call(self._operation("model", model=name), lambda info: info)
-
-    def health(self) -> Any:
-        """Readiness with each model's status (-> Health), whether or not all are ready."""
-        return self._call(self._operation("ready"), lambda health: health)
-
-    def ready(self) -> Any:
-        """True when every model is loaded and warmed up; False when not, or when unreachable."""
-        return self._probe("ready")
-
-    def live(self) -> Any:
-        """True when the server answers its liveness probe; False when unreachable."""
-        return self._probe("live")
-
-    def _infer(self, verb: str, model: str, image: Any, reference: Any, options: dict[str, Any]) -> Any:
-        raise NotImplementedError
-
-    def _call(self, operation: Operation, pick: Any) -> Any:
-        raise NotImplementedError
-
-    def _probe(self, kind: OperationKind) -> Any:
-        raise NotImplementedError

@@ -1,9 +1,12 @@
 """The gRPC transports over the typed ``hybridserve.v1.HybridServe`` service (sync and grpc.aio).
 
 Requests and replies are converted by shared pure functions: ``grpc_request`` picks the RPC
-and builds its message and metadata, ``from_grpc`` turns a reply into the same result types
-the HTTP transport returns. The service has no health RPC, so ``live``/``ready`` ask
-``ListModels``: live when it answers, ready when every model reports ``ready``.
+and its request message from the task table (``tasks.py``) and builds the message and
+metadata, ``from_grpc`` turns a reply into the same result types the HTTP transport returns
+(the reply messages mirror the JSON results field by field, so ``json_format`` maps one onto
+the other; a restored image is taken as the raw bytes it arrives in). The service has no
+health RPC, so ``live``/``ready`` ask ``ListModels``: live when it answers, ready when every
+model reports ``ready``.
 
 URLs: ``grpc://host:port`` (plaintext) or ``grpcs://host:port`` (TLS with the system roots).
 """
@@ -17,24 +20,15 @@ from urllib.parse import urlsplit
 
 import grpc
 import grpc.aio
+from google.protobuf import json_format
+from pydantic import ValidationError
 
 from hybridserve_client._base import Operation, Result
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as pb
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2_grpc as pb_grpc
-from hybridserve_client.exceptions import HybridServeError, error_from_grpc
+from hybridserve_client.exceptions import HybridServeError, ServerError, error_from_grpc
 from hybridserve_client.results import RestoredImage
-from hybridserve_client.schemas import (
-    AssessmentResult,
-    BatchingInfo,
-    ClassificationResult,
-    ClassPrediction,
-    Detection,
-    DetectionResult,
-    Health,
-    InputContract,
-    ModelInfo,
-    ModelList,
-)
+from hybridserve_client.schemas import BatchingInfo, Health, InputContract, ModelInfo, ModelList
 
 GRACE_S = 0.5  # the client waits this much longer than the deadline it gives the server
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -66,17 +60,15 @@ def grpc_request(operation: Operation) -> GRPCCall:
         return GRPCCall("GetModel", pb.GetModelRequest(name=operation.model or ""), tuple(metadata), timeout)
     if operation.kind != "infer":
         return GRPCCall("ListModels", pb.ListModelsRequest(), tuple(metadata), timeout)
-    assert operation.image is not None and operation.model and operation.verb
+    task = operation.task
+    assert operation.image is not None and operation.model and task is not None
     if operation.timeout is not None:
         metadata.append(("x-request-timeout", f"{min(operation.timeout, 600.0):g}"))
     fields: dict[str, Any] = {"model": operation.model, "image": operation.image.data, **operation.options}
     if operation.reference is not None:
         fields["reference"] = operation.reference.data
-    method, message = {
-        "classify": ("Classify", pb.ClassifyRequest), "detect": ("Detect", pb.DetectRequest),
-        "restore": ("Restore", pb.RestoreRequest), "assess": ("Assess", pb.AssessRequest),
-    }[operation.verb]
-    return GRPCCall(method, message(**fields), tuple(metadata), timeout)
+    message = getattr(pb, task.grpc_request)
+    return GRPCCall(task.grpc_method, message(**fields), tuple(metadata), timeout)
 
 
 def _optional(message: Any, name: str) -> Any:
@@ -110,17 +102,16 @@ def from_grpc(operation: Operation, reply: Any) -> Result:
         return Health(status="ok" if ready else "unavailable", models=statuses)
     if operation.kind == "model":
         return model_info(reply)
-    if operation.verb == "classify":
-        return ClassificationResult(model=reply.model, predictions=[
-            ClassPrediction(label=p.label, index=p.index, score=p.score) for p in reply.predictions])
-    if operation.verb == "detect":
-        return DetectionResult(model=reply.model, width=reply.width, height=reply.height, detections=[
-            Detection(box=tuple(d.box), label=d.label, index=d.index, score=d.score)
-            for d in reply.detections])
-    if operation.verb == "restore":
+    task = operation.task
+    assert task is not None
+    if task.image_reply:
         return RestoredImage(reply.model, reply.width, reply.height, reply.format, reply.image)
-    return AssessmentResult(model=reply.model, score=reply.score, kind=reply.kind,
-                            range=tuple(reply.range), higher_is_better=reply.higher_is_better)
+    fields = json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True, unquote_int64_if_possible=True)
+    try:
+        return task.result.model_validate(fields)
+    except ValidationError as exc:
+        raise ServerError(f"unexpected {task.grpc_method} reply: {exc}", request_id=operation.request_id) from None
 
 
 def rpc_error(exc: grpc.RpcError, operation: Operation) -> HybridServeError:

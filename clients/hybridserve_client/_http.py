@@ -1,9 +1,11 @@
 """The HTTP transports (httpx): building requests and reading responses are shared, pure functions.
 
 An image is sent as the raw request body with its media type and the options as query
-parameters; a full-reference assessment sends multipart/form-data (fields ``image`` and
-``reference``). ``restore`` asks for the image bytes (smaller than base64 JSON) and rebuilds a
-``RestoredImage`` from them and the X-Image-Width/Height headers.
+parameters; a task that takes a reference sends multipart/form-data (fields ``image`` and
+``reference``). The task table (``tasks.py``) gives the path's verb and the result schema.
+A task whose answer may be the image itself (``image_reply``: restoration) asks for the bytes
+(smaller than base64 JSON) and gets a ``RestoredImage`` rebuilt from them and the
+X-Image-Width/Height headers; every other task asks for JSON (``Accept: application/json``).
 
 Deadlines: the server gets ``X-Request-Timeout`` = the client timeout (capped at its 600 s
 maximum) and the client waits a little longer (``GRACE_S``), so that a late request normally
@@ -19,7 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from hybridserve_client._base import Operation, Result
 from hybridserve_client.exceptions import (
@@ -29,23 +31,10 @@ from hybridserve_client.exceptions import (
     Timeout,
     error_from_http,
 )
-from hybridserve_client.results import RestoredImage
-from hybridserve_client.schemas import (
-    AssessmentResult,
-    ClassificationResult,
-    DetectionResult,
-    Health,
-    ModelInfo,
-    ModelList,
-    RestorationResult,
-)
+from hybridserve_client.results import RestorationResult, RestoredImage
+from hybridserve_client.schemas import Health, ModelInfo, ModelList
 
-RESULT_TYPES: dict[str, type[BaseModel]] = {
-    "classify": ClassificationResult,
-    "detect": DetectionResult,
-    "restore": RestorationResult,
-    "assess": AssessmentResult,
-}
+METADATA_TYPES = {"models": ModelList, "model": ModelInfo, "live": Health, "ready": Health}
 MAX_SERVER_TIMEOUT_S = 600.0
 GRACE_S = 0.5
 
@@ -72,10 +61,13 @@ def build_http_request(operation: Operation) -> HTTPRequest:
         if operation.kind == "model":
             path = f"/v1/models/{quote(operation.model or '', safe='')}"
         return HTTPRequest("GET", path or "/", headers)
-    assert operation.image is not None and operation.model and operation.verb
+    task = operation.task
+    assert operation.image is not None and operation.model and task is not None
     if operation.timeout:
         headers["X-Request-Timeout"] = f"{min(operation.timeout, MAX_SERVER_TIMEOUT_S):g}"
-    path = inference_path(operation.model, operation.verb)
+    if not task.image_reply:
+        headers["Accept"] = "application/json"
+    path = inference_path(operation.model, task.verb)
     if operation.reference is None:
         headers["Content-Type"] = operation.image.content_type
         return HTTPRequest("POST", path, headers, dict(operation.options), content=operation.image.data)
@@ -95,13 +87,15 @@ def parse_http_response(operation: Operation, status: int, headers: Mapping[str,
     if status >= 400:
         raise error_from_http(status, body, headers, request_id)
     content_type = headers.get("content-type", "")
+    task = operation.task
     try:
-        if operation.kind == "infer" and operation.verb == "restore" and content_type.startswith("image/"):
+        if task is None:
+            return METADATA_TYPES[operation.kind].model_validate_json(body)
+        if task.image_reply and content_type.startswith("image/"):
             return _restoration(operation.model or "", content_type, headers, body)
-        schema = {"models": ModelList, "model": ModelInfo, "live": Health, "ready": Health}.get(operation.kind)
-        result = (schema or RESULT_TYPES[operation.verb or ""]).model_validate_json(body)
+        result = task.result.model_validate_json(body)
         return RestoredImage.from_schema(result) if isinstance(result, RestorationResult) else result
-    except (ValidationError, ValueError, KeyError) as exc:
+    except (ValidationError, ValueError) as exc:
         raise ServerError(f"unexpected response ({status}, {content_type or 'no content type'}): {exc}",
                           status=status, request_id=request_id) from None
 

@@ -4,6 +4,7 @@
     hybridserve-client detect   http://localhost:8000 detector scene.jpg -o boxes.png
     hybridserve-client restore  http://localhost:8000 super-resolution-x2 small.png -o big.png
     hybridserve-client assess   http://localhost:8000 psnr distorted.png --reference original.png
+    hybridserve-client segment  http://localhost:8000 segmenter scene.png -o mask.png
     hybridserve-client models   http://localhost:8000
     hybridserve-client bench    http://localhost:8000 classifier --concurrency 1,8,32 --duration 10
 
@@ -22,8 +23,22 @@ from typing import Any
 
 from hybridserve_client.client import Client
 from hybridserve_client.exceptions import HybridServeError
-from hybridserve_client.results import RestoredImage
-from hybridserve_client.schemas import AssessmentResult, ClassificationResult, DetectionResult
+from hybridserve_client.results import (
+    AssessmentResult,
+    ClassificationResult,
+    DetectionResult,
+    RestorationResult,
+    RestoredImage,
+    SegmentationResult,
+)
+from hybridserve_client.tasks import TASKS, TaskInfo, task_of
+
+# What -o writes, by result type (tasks whose results have no picture take no -o).
+OUTPUTS: dict[type, str] = {
+    DetectionResult: "also write the image with its boxes drawn",
+    RestorationResult: "where to write the restored image",
+    SegmentationResult: "also write the mask (8-bit PNG, pixel value = class index)",
+}
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -33,6 +48,8 @@ def _client(args: argparse.Namespace) -> Client:
 def _dump(result: Any) -> str:
     if isinstance(result, RestoredImage):
         return result.to_schema().model_dump_json(exclude={"image"})
+    if isinstance(result, SegmentationResult):
+        return result.model_dump_json(exclude={"mask"})
     return result.model_dump_json()
 
 
@@ -51,30 +68,35 @@ def describe(name: str, result: Any) -> str:
                 f"[{result.range[0]:g}, {result.range[1]:g}], {better} is better)")
     if isinstance(result, RestoredImage):
         return f"{name}  ({result.model}): {result.width}x{result.height} {result.format}, {len(result.data)} bytes"
+    if isinstance(result, SegmentationResult):
+        rows = [f"  {c.fraction:7.2%}  {c.label}  (#{c.index}, {c.pixels} px)" for c in result.classes]
+        return f"{name}  ({result.model}, {result.width}x{result.height}):\n" + "\n".join(rows)
     return str(result)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    task = task_of(args.command)
+    options = {option.name: getattr(args, option.name) for option in task.options}
+    if task.reference:
+        options["reference"] = args.reference
     with _client(args) as client:
-        if args.command == "classify":
-            results = client.classify(args.model, list(args.images), top_k=args.top_k)
-        elif args.command == "detect":
-            results = client.detect(args.model, list(args.images), score_threshold=args.score_threshold,
-                                    max_detections=args.max_detections)
-        elif args.command == "restore":
-            results = client.restore(args.model, list(args.images), format=args.format)
-        else:
-            results = client.assess(args.model, list(args.images), reference=args.reference)
+        results = getattr(client, task.verb)(args.model, list(args.images), **options)
     for index, (image, result) in enumerate(zip(args.images, results, strict=True)):
         print(_dump(result) if args.json else describe(image, result))
         if getattr(args, "output", None):
             target = _output_path(Path(args.output), index, len(results))
-            if isinstance(result, RestoredImage):
-                result.save(target)
-            else:
-                result.draw(image).save(target)
+            _write(result, image, target)
             print(f"  wrote {target}", file=sys.stderr)
     return 0
+
+
+def _write(result: Any, image: str, target: Path) -> None:
+    if isinstance(result, RestoredImage):
+        result.save(target)
+    elif isinstance(result, SegmentationResult):
+        target.write_bytes(result.mask_png())
+    else:
+        result.draw(image).save(target)
 
 
 def _output_path(output: Path, index: int, count: int) -> Path:
@@ -135,6 +157,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_command(sub: Any, common: argparse.ArgumentParser, task: TaskInfo) -> None:
+    """The subcommand of one task, from the task table; -o as OUTPUTS says (required for image replies)."""
+    command = sub.add_parser(task.verb, parents=[common], help=f"{task.summary} ({task.name} models)")
+    command.add_argument("model")
+    command.add_argument("images", nargs="+", help="image file(s)")
+    command.add_argument("--json", action="store_true", help="print the raw JSON result")
+    for option in task.options:
+        command.add_argument(f"--{option.name.replace('_', '-')}", type=option.type, choices=option.choices,
+                             default=option.default, help=option.help)
+    if task.reference:
+        command.add_argument("--reference", help="reference image (full-reference models)")
+    if task.result in OUTPUTS:
+        command.add_argument("-o", "--output", required=task.image_reply, help=OUTPUTS[task.result])
+    command.set_defaults(handler=cmd_infer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("url", help="server URL: http(s)://host:port or grpc://host:port")
@@ -146,23 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridserve-client", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def task(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, parents=[common], help=help_text)
-        command.add_argument("model")
-        command.add_argument("images", nargs="+", help="image file(s)")
-        command.add_argument("--json", action="store_true", help="print the raw JSON result")
-        command.set_defaults(handler=cmd_infer)
-        return command
-
-    task("classify", "classify images").add_argument("--top-k", type=int)
-    detect = task("detect", "detect objects")
-    detect.add_argument("--score-threshold", type=float)
-    detect.add_argument("--max-detections", type=int)
-    detect.add_argument("-o", "--output", help="also write the image with its boxes drawn")
-    restore = task("restore", "super-resolve or denoise")
-    restore.add_argument("-o", "--output", required=True, help="where to write the restored image")
-    restore.add_argument("--format", default="png", choices=("png", "jpeg", "webp"))
-    task("assess", "score image quality").add_argument("--reference", help="reference image (full-reference models)")
+    for task in TASKS:
+        _task_command(sub, common, task)
 
     for name, handler, help_text in (("models", cmd_models, "list the served models"),
                                      ("health", cmd_health, "liveness and readiness")):

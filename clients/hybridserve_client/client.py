@@ -2,28 +2,44 @@
 
 Both send operations through a pluggable transport (HTTP via httpx, or gRPC), retry what the
 retry policy allows, and run a list of images concurrently with at most ``max_in_flight``
-requests outstanding (threads for ``Client``, tasks for ``AsyncClient``).
+requests outstanding (threads for ``Client``, tasks for ``AsyncClient``). Each spells out the
+API with its return types, as httpx's two clients do: one method per task of the task table
+(``tasks.py``; the method is named after the verb), then the metadata and health calls. A
+list of images gives a list of results, in order; ``timeout=`` overrides the client's timeout
+for that call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast, overload
 
 from hybridserve_client._base import (
     DEFAULT_TIMEOUT_S,
+    USE_CLIENT_DEFAULT,
     AsyncTransport,
     BaseClient,
     Operation,
     OperationKind,
     Result,
+    TimeoutArg,
     Transport,
     WireProtocol,
 )
 from hybridserve_client.exceptions import HybridServeError, Unavailable
+from hybridserve_client.inputs import ImageBatch, ImageInput
+from hybridserve_client.results import (
+    AssessmentResult,
+    ClassificationResult,
+    DetectionResult,
+    RestoredImage,
+    SegmentationResult,
+)
+from hybridserve_client.schemas import Health, ModelInfo, ModelList
+
+_DEFAULT = USE_CLIENT_DEFAULT
 
 
 def _grpc_module():
@@ -71,6 +87,82 @@ class Client(BaseClient):
     def close(self) -> None:
         self.transport.close()
 
+    # ------------------------------------------------------------ tasks
+
+    @overload
+    def classify(self, model: str, image: ImageInput, top_k: int | None = None, *,
+                 timeout: TimeoutArg = _DEFAULT) -> ClassificationResult: ...
+    @overload
+    def classify(self, model: str, image: ImageBatch, top_k: int | None = None, *,
+                 timeout: TimeoutArg = _DEFAULT) -> list[ClassificationResult]: ...
+    def classify(self, model, image, top_k=None, *, timeout=_DEFAULT):
+        """Classify an image: the ``top_k`` classes by score (``.top1`` is the best)."""
+        return self._infer("classify", model, image, None, {"top_k": top_k}, timeout)
+
+    @overload
+    def detect(self, model: str, image: ImageInput, score_threshold: float | None = None,
+               max_detections: int | None = None, *, timeout: TimeoutArg = _DEFAULT) -> DetectionResult: ...
+    @overload
+    def detect(self, model: str, image: ImageBatch, score_threshold: float | None = None,
+               max_detections: int | None = None, *, timeout: TimeoutArg = _DEFAULT) -> list[DetectionResult]: ...
+    def detect(self, model, image, score_threshold=None, max_detections=None, *, timeout=_DEFAULT):
+        """Detect objects: boxes in input-image pixels, labels and scores."""
+        options = {"score_threshold": score_threshold, "max_detections": max_detections}
+        return self._infer("detect", model, image, None, options, timeout)
+
+    @overload
+    def restore(self, model: str, image: ImageInput, format: str = "png", *,
+                timeout: TimeoutArg = _DEFAULT) -> RestoredImage: ...
+    @overload
+    def restore(self, model: str, image: ImageBatch, format: str = "png", *,
+                timeout: TimeoutArg = _DEFAULT) -> list[RestoredImage]: ...
+    def restore(self, model, image, format="png", *, timeout=_DEFAULT):
+        """Super-resolve or denoise (``.image()`` is a PIL image, ``.array()`` numpy, ``.data`` the bytes)."""
+        return self._infer("restore", model, image, None, {"format": format}, timeout)
+
+    @overload
+    def assess(self, model: str, image: ImageInput, reference: ImageInput | None = None, *,
+               timeout: TimeoutArg = _DEFAULT) -> AssessmentResult: ...
+    @overload
+    def assess(self, model: str, image: ImageBatch, reference: ImageInput | ImageBatch | None = None, *,
+               timeout: TimeoutArg = _DEFAULT) -> list[AssessmentResult]: ...
+    def assess(self, model, image, reference=None, *, timeout=_DEFAULT):
+        """Score image quality; full-reference models need ``reference`` (one for all, or one per image)."""
+        return self._infer("assess", model, image, reference, {}, timeout)
+
+    @overload
+    def segment(self, model: str, image: ImageInput, *, timeout: TimeoutArg = _DEFAULT) -> SegmentationResult: ...
+    @overload
+    def segment(self, model: str, image: ImageBatch, *,
+                timeout: TimeoutArg = _DEFAULT) -> list[SegmentationResult]: ...
+    def segment(self, model, image, *, timeout=_DEFAULT):
+        """Label every pixel: the classes present, and the mask (``.mask_array()``, ``.mask_png()``)."""
+        return self._infer("segment", model, image, None, {}, timeout)
+
+    # ------------------------------------------------------------ metadata and health
+
+    def models(self, *, timeout: TimeoutArg = _DEFAULT) -> list[ModelInfo]:
+        """Every served model."""
+        return cast(ModelList, self._send(self._operation("models", timeout))).models
+
+    def model(self, name: str, *, timeout: TimeoutArg = _DEFAULT) -> ModelInfo:
+        """One model's description; ModelNotFound if there is none."""
+        return cast(ModelInfo, self._send(self._operation("model", timeout, model=name)))
+
+    def health(self, *, timeout: TimeoutArg = _DEFAULT) -> Health:
+        """Readiness with each model's status, whether or not all are ready."""
+        return cast(Health, self._send(self._operation("ready", timeout)))
+
+    def ready(self, *, timeout: TimeoutArg = _DEFAULT) -> bool:
+        """True when every model is loaded and warmed up; False when not, or when unreachable."""
+        return self._probe("ready", timeout)
+
+    def live(self, *, timeout: TimeoutArg = _DEFAULT) -> bool:
+        """True when the server answers its liveness probe; False when unreachable."""
+        return self._probe("live", timeout)
+
+    # ------------------------------------------------------------ sending
+
     def _send(self, operation: Operation) -> Result:
         attempt = 0
         while True:
@@ -83,26 +175,24 @@ class Client(BaseClient):
             time.sleep(delay)
             attempt += 1
 
-    def _infer(self, verb: str, model: str, image: Any, reference: Any, options: dict[str, Any]) -> Any:
+    def _infer(self, verb: str, model: str, image: Any, reference: Any, options: dict[str, Any],
+               timeout: TimeoutArg) -> Any:
         pairs = self._pairs(image, reference)
         if pairs is None:
-            return self._send(self._inference(verb, model, image, reference, options))
+            return self._send(self._inference(verb, model, image, reference, options, timeout))
         if not pairs:
             return []
         pool = ThreadPoolExecutor(min(self.max_in_flight, len(pairs)), thread_name_prefix="hybridserve")
         try:
-            futures = [pool.submit(lambda pair: self._send(self._inference(verb, model, *pair, options)), pair)
-                       for pair in pairs]
+            futures = [pool.submit(lambda pair: self._send(self._inference(verb, model, *pair, options, timeout)),
+                                   pair) for pair in pairs]
             return [future.result() for future in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _call(self, operation: Operation, pick: Callable[[Any], Any]) -> Any:
-        return pick(self._send(operation))
-
-    def _probe(self, kind: OperationKind) -> bool:
+    def _probe(self, kind: OperationKind, timeout: TimeoutArg) -> bool:
         try:
-            return self.transport.handle(self._operation(kind)).status == "ok"
+            return cast(Health, self.transport.handle(self._operation(kind, timeout))).status == "ok"
         except Unavailable:
             return False
 
@@ -127,6 +217,84 @@ class AsyncClient(BaseClient):
     async def aclose(self) -> None:
         await self.transport.aclose()
 
+    # ------------------------------------------------------------ tasks
+
+    @overload
+    async def classify(self, model: str, image: ImageInput, top_k: int | None = None, *,
+                       timeout: TimeoutArg = _DEFAULT) -> ClassificationResult: ...
+    @overload
+    async def classify(self, model: str, image: ImageBatch, top_k: int | None = None, *,
+                       timeout: TimeoutArg = _DEFAULT) -> list[ClassificationResult]: ...
+    async def classify(self, model, image, top_k=None, *, timeout=_DEFAULT):
+        """Classify an image: the ``top_k`` classes by score (``.top1`` is the best)."""
+        return await self._infer("classify", model, image, None, {"top_k": top_k}, timeout)
+
+    @overload
+    async def detect(self, model: str, image: ImageInput, score_threshold: float | None = None,
+                     max_detections: int | None = None, *, timeout: TimeoutArg = _DEFAULT) -> DetectionResult: ...
+    @overload
+    async def detect(self, model: str, image: ImageBatch, score_threshold: float | None = None,
+                     max_detections: int | None = None, *,
+                     timeout: TimeoutArg = _DEFAULT) -> list[DetectionResult]: ...
+    async def detect(self, model, image, score_threshold=None, max_detections=None, *, timeout=_DEFAULT):
+        """Detect objects: boxes in input-image pixels, labels and scores."""
+        options = {"score_threshold": score_threshold, "max_detections": max_detections}
+        return await self._infer("detect", model, image, None, options, timeout)
+
+    @overload
+    async def restore(self, model: str, image: ImageInput, format: str = "png", *,
+                      timeout: TimeoutArg = _DEFAULT) -> RestoredImage: ...
+    @overload
+    async def restore(self, model: str, image: ImageBatch, format: str = "png", *,
+                      timeout: TimeoutArg = _DEFAULT) -> list[RestoredImage]: ...
+    async def restore(self, model, image, format="png", *, timeout=_DEFAULT):
+        """Super-resolve or denoise (``.image()`` is a PIL image, ``.array()`` numpy, ``.data`` the bytes)."""
+        return await self._infer("restore", model, image, None, {"format": format}, timeout)
+
+    @overload
+    async def assess(self, model: str, image: ImageInput, reference: ImageInput | None = None, *,
+                     timeout: TimeoutArg = _DEFAULT) -> AssessmentResult: ...
+    @overload
+    async def assess(self, model: str, image: ImageBatch, reference: ImageInput | ImageBatch | None = None, *,
+                     timeout: TimeoutArg = _DEFAULT) -> list[AssessmentResult]: ...
+    async def assess(self, model, image, reference=None, *, timeout=_DEFAULT):
+        """Score image quality; full-reference models need ``reference`` (one for all, or one per image)."""
+        return await self._infer("assess", model, image, reference, {}, timeout)
+
+    @overload
+    async def segment(self, model: str, image: ImageInput, *,
+                      timeout: TimeoutArg = _DEFAULT) -> SegmentationResult: ...
+    @overload
+    async def segment(self, model: str, image: ImageBatch, *,
+                      timeout: TimeoutArg = _DEFAULT) -> list[SegmentationResult]: ...
+    async def segment(self, model, image, *, timeout=_DEFAULT):
+        """Label every pixel: the classes present, and the mask (``.mask_array()``, ``.mask_png()``)."""
+        return await self._infer("segment", model, image, None, {}, timeout)
+
+    # ------------------------------------------------------------ metadata and health
+
+    async def models(self, *, timeout: TimeoutArg = _DEFAULT) -> list[ModelInfo]:
+        """Every served model."""
+        return cast(ModelList, await self._send(self._operation("models", timeout))).models
+
+    async def model(self, name: str, *, timeout: TimeoutArg = _DEFAULT) -> ModelInfo:
+        """One model's description; ModelNotFound if there is none."""
+        return cast(ModelInfo, await self._send(self._operation("model", timeout, model=name)))
+
+    async def health(self, *, timeout: TimeoutArg = _DEFAULT) -> Health:
+        """Readiness with each model's status, whether or not all are ready."""
+        return cast(Health, await self._send(self._operation("ready", timeout)))
+
+    async def ready(self, *, timeout: TimeoutArg = _DEFAULT) -> bool:
+        """True when every model is loaded and warmed up; False when not, or when unreachable."""
+        return await self._probe("ready", timeout)
+
+    async def live(self, *, timeout: TimeoutArg = _DEFAULT) -> bool:
+        """True when the server answers its liveness probe; False when unreachable."""
+        return await self._probe("live", timeout)
+
+    # ------------------------------------------------------------ sending
+
     async def _send(self, operation: Operation) -> Result:
         attempt = 0
         while True:
@@ -139,15 +307,16 @@ class AsyncClient(BaseClient):
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def _infer(self, verb: str, model: str, image: Any, reference: Any, options: dict[str, Any]) -> Any:
+    async def _infer(self, verb: str, model: str, image: Any, reference: Any, options: dict[str, Any],
+                     timeout: TimeoutArg) -> Any:
         pairs = self._pairs(image, reference)
         if pairs is None:
-            return await self._send(self._inference(verb, model, image, reference, options))
+            return await self._send(self._inference(verb, model, image, reference, options, timeout))
         gate = asyncio.Semaphore(self.max_in_flight)
 
         async def one(item: Any, item_reference: Any) -> Result:
             async with gate:
-                return await self._send(self._inference(verb, model, item, item_reference, options))
+                return await self._send(self._inference(verb, model, item, item_reference, options, timeout))
 
         tasks = [asyncio.ensure_future(one(*pair)) for pair in pairs]
         try:
@@ -157,11 +326,8 @@ class AsyncClient(BaseClient):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _call(self, operation: Operation, pick: Callable[[Any], Any]) -> Any:
-        return pick(await self._send(operation))
-
-    async def _probe(self, kind: OperationKind) -> bool:
+    async def _probe(self, kind: OperationKind, timeout: TimeoutArg) -> bool:
         try:
-            return (await self.transport.handle(self._operation(kind))).status == "ok"
+            return cast(Health, await self.transport.handle(self._operation(kind, timeout))).status == "ok"
         except Unavailable:
             return False

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], "Image.Image", "np.ndarray"]
+ImageBatch = Union[list[ImageInput], tuple[ImageInput, ...]]  # several images: a result per image, in order
 
 # Leading bytes of each format the server decodes.
 _MAGIC: tuple[tuple[bytes, str], ...] = (

@@ -1,8 +1,9 @@
-"""The result of ``restore``: the restored picture as bytes, with helpers to decode it.
+"""What each task returns: the result schemas of the wire, and ``RestoredImage``.
 
-The other tasks return the wire schemas themselves (``ClassificationResult``,
-``DetectionResult``, ``AssessmentResult``, whose helpers live in ``schemas.py``); a restored
-image travels as raw bytes, so it gets this small class rather than a base64 string.
+Pure pydantic (numpy and Pillow are imported only by the helpers that decode pixels): the
+server validates its answers against these classes and the client parses answers into them.
+``restore`` returns a ``RestoredImage`` (the picture as bytes) rather than the base64 string of
+``RestorationResult``; every other task returns its schema itself.
 """
 
 from __future__ import annotations
@@ -11,15 +12,100 @@ import base64
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
-from hybridserve_client.schemas import RestorationResult
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     import os
 
     import numpy as np
     from PIL import Image
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- classification
+
+
+class ClassPrediction(_Schema):
+    label: str
+    index: int
+    score: float = Field(ge=0.0, le=1.0)
+
+
+class ClassificationResult(_Schema):
+    model: str
+    predictions: list[ClassPrediction]
+
+    @property
+    def top1(self) -> ClassPrediction:
+        """The highest-scoring prediction."""
+        return max(self.predictions, key=lambda prediction: prediction.score)
+
+
+# ---------------------------------------------------------------- detection
+
+
+class Detection(_Schema):
+    box: tuple[float, float, float, float] = Field(description="[x1, y1, x2, y2] in input-image pixels.")
+    label: str
+    index: int
+    score: float = Field(ge=0.0, le=1.0)
+
+
+class DetectionResult(_Schema):
+    model: str
+    width: int
+    height: int
+    detections: list[Detection]
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """(N, 4) float32 array of [x1, y1, x2, y2]."""
+        import numpy as np
+
+        return np.array([d.box for d in self.detections], dtype=np.float32).reshape(-1, 4)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(N,) float32 array of scores."""
+        import numpy as np
+
+        return np.array([d.score for d in self.detections], dtype=np.float32)
+
+    @property
+    def labels(self) -> list[str]:
+        return [d.label for d in self.detections]
+
+    def draw(self, image: Any, width: int = 2) -> Image.Image:
+        """A copy of ``image`` (any client image input) with each box and its label and score drawn on it."""
+        from PIL import ImageDraw
+
+        from hybridserve_client.inputs import to_pil
+
+        canvas = to_pil(image).convert("RGB")
+        pen = ImageDraw.Draw(canvas)
+        palette = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
+        for detection in self.detections:
+            color = palette[detection.index % len(palette)]
+            x1, y1, x2, y2 = detection.box
+            pen.rectangle((x1, y1, x2, y2), outline=color, width=width)
+            pen.text((x1 + 2, max(0.0, y1 - 11)), f"{detection.label} {detection.score:.2f}", fill=color)
+        return canvas
+
+
+# ---------------------------------------------------------------- restoration
+
+
+class RestorationResult(_Schema):
+    model: str
+    width: int
+    height: int
+    format: Literal["png", "jpeg", "webp"]
+    image: str = Field(description="The restored image, base64-encoded in `format`.")
 
 
 @dataclass(frozen=True, repr=False)
@@ -46,11 +132,7 @@ class RestoredImage:
 
     def image(self) -> Image.Image:
         """The restored image, decoded, as a PIL image."""
-        from PIL import Image
-
-        picture = Image.open(io.BytesIO(self.data))
-        picture.load()
-        return picture
+        return _decode(self.data)
 
     def array(self) -> np.ndarray:
         """The restored image as a numpy array (H, W, C) of uint8."""
@@ -61,3 +143,61 @@ class RestoredImage:
     def save(self, path: str | os.PathLike) -> None:
         """Write the encoded bytes to ``path`` (as they came: no re-encoding)."""
         Path(path).write_bytes(self.data)
+
+
+# ---------------------------------------------------------------- image quality assessment
+
+
+class AssessmentResult(_Schema):
+    model: str
+    score: float
+    kind: Literal["no-reference", "full-reference"]
+    range: tuple[float, float]
+    higher_is_better: bool
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+class SegmentClass(_Schema):
+    index: int = Field(description="Class index (the mask's pixel value).")
+    label: str
+    pixels: int = Field(description="How many pixels of the input image have this class.")
+    fraction: float = Field(description="pixels / (width * height).")
+
+
+class SegmentationResult(_Schema):
+    model: str
+    width: int
+    height: int
+    labels: list[str] = Field(description="Every class label, by index: the mask's pixel value v means labels[v].")
+    classes: list[SegmentClass] = Field(description="The classes present in the image, most pixels first.")
+    mask_format: Literal["png"] = "png"
+    mask: str = Field(description="Base64 of an 8-bit grayscale PNG, the input image's size, "
+                                  "whose pixel values are class indices.")
+
+    def mask_png(self) -> bytes:
+        """The mask as PNG bytes (what ``mask`` holds in base64), e.g. to save as a file; needs no Pillow."""
+        return base64.b64decode(self.mask)
+
+    def mask_image(self) -> Image.Image:
+        """The mask decoded as a PIL image (mode ``L``, ``width`` x ``height``): pixel value = class index."""
+        picture = _decode(self.mask_png())
+        if picture.size != (self.width, self.height):
+            raise ValueError(f"the mask is {picture.size[0]}x{picture.size[1]}, the result says "
+                             f"{self.width}x{self.height}")
+        return picture
+
+    def mask_array(self) -> np.ndarray:
+        """The mask as a numpy array (height, width) of uint8 class indices: ``labels[mask[y, x]]``."""
+        import numpy as np
+
+        return np.asarray(self.mask_image())
+
+
+def _decode(data: bytes) -> Image.Image:
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(data))
+    picture.load()
+    return picture

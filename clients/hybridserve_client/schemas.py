@@ -93,6 +93,10 @@ class ModelInfo(_Schema):
     batching: BatchingInfo
     labels: int = Field(description="Number of labels (classification, detection and segmentation).")
     backend: str | None = Field(default=None, description="Compile backend in use once loaded.")
+    precision: str | None = Field(default=None, description="Precision in use once loaded: fp32, fp16, bf16 or int8.")
+    precision_reason: str | None = Field(default=None, description="int8: the accuracy gate's verdict, or why the "
+                                         "model serves fp32 instead (gate failed, no int8 kernels, ...).")
+    fp32_layers: list[str] = Field(default_factory=list, description="int8: the layers the accuracy gate kept in fp32.")
     device: str
     load_seconds: float | None = None
     description: str | None = None

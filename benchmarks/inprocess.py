@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.workloads import ROOT, Workload, write_repository
 from hybridserve.server.tasks import TASKS, InferenceRequest, Options
-from hybridserve.server.engine.runtime import ModelRuntime
+from hybridserve.server.engine.runtime import ModelRuntime, configure_threads
 from hybridserve.server.core.spec import ModelSpec
 from hybridserve.server.repository import load_spec
 
@@ -125,8 +125,9 @@ def cold_and_warm_start(workload: Workload, backend: str, folder: Path) -> dict[
 
 
 def _start(spec_file: str) -> None:
-    torch.set_num_threads(1)
-    runtime = load_runtime(load_spec(Path(spec_file)))
+    spec = load_spec(Path(spec_file))
+    configure_threads(spec.device.cpus)
+    runtime = load_runtime(spec)
     print(json.dumps({"load_seconds": runtime.load_seconds, "backend": runtime.backend,
                       "cache": runtime.compiled.cache if runtime.compiled else None}))
 

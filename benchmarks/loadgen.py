@@ -5,21 +5,22 @@ measuring window opens once every client has had one answer (a queue as deep as 
 concurrency is then in steady state) and lasts ``seconds``; throughput and latencies are those
 of the answers that arrive inside it. Requests still in flight at the end are waited for, so
 the next measurement starts on an idle server. The generator reports its own CPU time so a
-table can show it was not the bottleneck.
+table can show it was not the bottleneck, and the server's: the CPU seconds (psutil) of every
+process of the server (its process tree and session: Ray's workers, raylet and GCS, HAProxy)
+from the window's start to its end, which divided by the answers gives CPU-ms per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
-
-TICKS = os.sysconf("SC_CLK_TCK")
+import psutil
 
 
 @dataclass
@@ -64,53 +65,58 @@ class LoadResult:
         return self.client_cpu_s / self.seconds if self.seconds else 0.0
 
 
-def _processes() -> tuple[dict[int, int], dict[int, float]]:
-    """Parent and user + system CPU seconds of every process (from /proc)."""
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / TICKS
-    return parents, cpu
+def _cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds of ``process``, with those of its children it has reaped."""
+    times = process.cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def busiest_now(seconds: float = 2.0, top: int = 5) -> list[str]:
     """The processes that used the most CPU over the next ``seconds``, as 'share% command'."""
-    _, before = _processes()
+    processes = list(psutil.process_iter())
+    before = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            before[process.pid] = process.cpu_times()
     time.sleep(seconds)
-    _, after = _processes()
-    used = sorted(((after[pid] - before.get(pid, 0.0), pid) for pid in after), reverse=True)[:top]
+    used = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            now, then = process.cpu_times(), before[process.pid]
+            used.append((now.user + now.system - then.user - then.system, process))
     lines = []
-    for share, pid in used:
+    for share, process in sorted(used, key=lambda pair: pair[0], reverse=True)[:top]:
         if share < 0.01 * seconds:
             break
         try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
+            command = " ".join(process.cmdline()).strip()
+        except psutil.Error:
             command = ""
-        lines.append(f"{100 * share / seconds:5.0f}%  {command[:110] or f'[pid {pid}]'}")
+        lines.append(f"{100 * share / seconds:5.0f}%  {command[:110] or f'[pid {process.pid}]'}")
     return lines
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU seconds of ``root`` and every process below it (from /proc)."""
-    parents, cpu = _processes()
-    total, stack = 0.0, [root]
-    children: dict[int, list[int]] = {}
-    for pid, parent in parents.items():
-        children.setdefault(parent, []).append(pid)
-    while stack:
-        pid = stack.pop()
-        total += cpu.get(pid, 0.0)
-        stack.extend(children.get(pid, ()))
+def server_processes(root: int) -> list[psutil.Process]:
+    """Every process of the server started as ``root``: its process tree, and whatever else runs in its
+    session (the benchmark starts each server in a session of its own; Ray's raylet, GCS, workers
+    and HAProxy are all in it)."""
+    found: dict[int, psutil.Process] = {}
+    with contextlib.suppress(psutil.Error):
+        top = psutil.Process(root)
+        found = {p.pid: p for p in [top, *top.children(recursive=True)]}
+    for process in psutil.process_iter():
+        with contextlib.suppress(OSError):
+            if os.getsid(process.pid) == root:
+                found.setdefault(process.pid, process)
+    return list(found.values())
+
+
+def server_cpu_seconds(root: int) -> float:
+    """CPU seconds used so far by every process of the server ``root`` (user + system)."""
+    total = 0.0
+    for process in server_processes(root):
+        with contextlib.suppress(psutil.Error):
+            total += _cpu_seconds(process)
     return total
 
 
@@ -159,11 +165,11 @@ async def closed_loop(target: Target, concurrency: int, seconds: float, server_p
             raise RuntimeError(f"{target.url}: {concurrency} clients had no answer within {warmup_limit_s:.0f}s")
         window["start"] = time.perf_counter()
         cpu_start = time.process_time()
-        server_start = tree_cpu_seconds(server_pid) if server_pid else None
+        server_start = server_cpu_seconds(server_pid) if server_pid else None
         await asyncio.sleep(seconds)
         window["end"] = time.perf_counter()
         client_cpu = time.process_time() - cpu_start
-        server_cpu = tree_cpu_seconds(server_pid) - server_start if server_pid else None
+        server_cpu = server_cpu_seconds(server_pid) - server_start if server_pid else None
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
     return LoadResult(concurrency, counts["completed"], counts["errors"], window["end"] - window["start"],

@@ -1,14 +1,14 @@
 """The peer servers of the benchmark, serving the same model with the same pre/post-processing.
 
 * ``fastapi``: a plain FastAPI app under uvicorn calling the eager model once per request;
-* ``litserve``: LitServe with its own dynamic batching (``max_batch_size``, ``batch_timeout``);
-* ``noray``: hybridserve's in-process plane (``hybridserve serve --no-ray``) with the torch
-  threads pinned like every other server here (the CLI gives it every CPU).
+* ``litserve``: LitServe with its own dynamic batching (``max_batch_size``, ``batch_timeout``).
 
-BentoML lives in ``benchmarks/bentoml_service.py`` (it is imported from its own folder).
-Each server answers ``POST /predict`` (hybridserve: its own routes) with ``{"image": base64}``.
+Every peer runs as many torch threads as the spec's ``device.cpus`` (as hybridserve does).
+BentoML lives in ``benchmarks/bentoml_service.py`` (it is imported from its own folder), the
+plain Ray Serve app in ``benchmarks/plain_ray.py``. Each answers ``POST /predict`` with
+``{"image": base64}``.
 
-Run: ``python -m benchmarks.peers {fastapi,litserve,noray} --spec SPEC.yaml --port N``.
+Run: ``python -m benchmarks.peers {fastapi,litserve} --spec SPEC.yaml --port N``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,14 @@ from hybridserve.server.tasks.base import Prepared
 from hybridserve.server.engine.runtime import ModelRuntime, configure_threads
 from hybridserve.server.repository import load_spec
 
-THREADS_ENV = "BENCH_TORCH_THREADS"
-
 
 class Pipeline:
     """One eager model with hybridserve's handler: decode, batched forward, encode."""
 
     def __init__(self, spec_path: str):
-        configure_threads(float(os.environ.get(THREADS_ENV, "1")))
-        self.runtime = ModelRuntime(load_spec(Path(spec_path)))
+        spec = load_spec(Path(spec_path))
+        configure_threads(spec.device.cpus)
+        self.runtime = ModelRuntime(spec)
         self.runtime.load()
         if self.runtime.status != "ready":
             raise RuntimeError(f"model failed to load: {self.runtime.reason}")
@@ -93,27 +91,15 @@ def serve_litserve(args: argparse.Namespace) -> None:
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")
 
 
-def serve_noray(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from hybridserve.server.transports.http_api import create_http_app
-    from hybridserve.server.engine.local import local_plane
-    from hybridserve.server.repository import load_repository
-
-    configure_threads(float(os.environ.get(THREADS_ENV, "1")))
-    plane = local_plane(load_repository(Path(args.spec)))
-    uvicorn.run(create_http_app(plane), host="127.0.0.1", port=args.port, log_level="warning")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("server", choices=["fastapi", "litserve", "noray"])
-    parser.add_argument("--spec", required=True, help="a spec file (noray: a repository folder)")
+    parser.add_argument("server", choices=["fastapi", "litserve"])
+    parser.add_argument("--spec", required=True, help="a spec file")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-batch", type=int, default=1)
     parser.add_argument("--wait-ms", type=float, default=0.0)
     args = parser.parse_args()
-    {"fastapi": serve_fastapi, "litserve": serve_litserve, "noray": serve_noray}[args.server](args)
+    {"fastapi": serve_fastapi, "litserve": serve_litserve}[args.server](args)
 
 
 if __name__ == "__main__":

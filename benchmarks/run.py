@@ -4,7 +4,7 @@ Per workload: in-process limit and compile table first (no server running), then
 start in fresh processes, then every server started together and measured in interleaved
 rounds (each round visits every server at every concurrency, the order rotating), then
 stopped. The load generator (aiohttp, this process) and the servers share the machine's
-CPUs; each model worker runs one torch thread.
+CPUs; every server and the in-process measurements run the spec's ``device.cpus`` torch threads.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from benchmarks.report import Point, WorkloadResults
 from benchmarks.servers import build_servers
 from benchmarks.workloads import ROOT, Workload, workloads, write_repository
 from hybridserve.models.weights import cache_dir
+from hybridserve.server.engine.runtime import configure_threads
 
-PEERS = ["fastapi", "litserve", "litserve-nobatch", "bentoml"]
+PEERS = ["plain-ray", "fastapi", "litserve", "litserve-nobatch", "bentoml"]
 
 
 def log(message: str) -> None:
@@ -89,11 +90,11 @@ async def measure_servers(w: Workload, results: WorkloadResults, args: argparse.
     if "bentoml" not in servers and "bentoml" not in args.skip:
         results.failures["BentoML"] = "bentoml is not installed in .venv/bench-tools/bentoml (see docs/performance.md)"
     # Ray clusters start one after another (two starting at once on 2 cores can time out), then the rest together.
-    order = [name for name in servers if name.startswith("ray")] + [name for name in servers if not name.startswith("ray")]
+    order = [name for name in servers if servers[name].ray] + [name for name in servers if not servers[name].ray]
     try:
         for name in order:
             servers[name].start()
-            if name.startswith("ray"):
+            if servers[name].ray:
                 servers[name].wait_ready(args.ready_timeout)
         for name in order:
             server = servers[name]
@@ -161,7 +162,7 @@ async def profile_system(system, pid: int, seconds: float, output: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short windows, one round, eager/aot compile table only")
-    parser.add_argument("--only", nargs="*", help="workloads to run: classifier, craft-x4")
+    parser.add_argument("--only", nargs="*", help="workloads to run: classifier, efficientformerv2-s0, craft-x4")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: classifier 2, CRAFT 1; quick 1)")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--skip", nargs="*", default=[], choices=PEERS, help="peer servers to leave out")
@@ -176,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.cold_start = False
-    torch.set_num_threads(1)
     chosen = workloads(args.only)
     if not chosen:
         sys.exit(f"no workload matches {args.only}")
@@ -186,10 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     for w in chosen:
         rounds = args.rounds or (1 if args.quick else w.rounds)
         batching = w.spec_for("eager").batching
+        configure_threads(w.threads)
         header = machine() + ["", f"Command: `python -m benchmarks.run {command}`; {rounds} round(s) of "
                                   f"{w.seconds_per_point / (4 if args.quick else 1):.0f} s windows. Every server "
                                   f"batches with max_batch_size {batching.max_batch_size}, max_wait_ms "
-                                  f"{batching.max_wait_ms:g} (LitServe batch_timeout, BentoML max_batch_size)."]
+                                  f"{batching.max_wait_ms:g} (LitServe batch_timeout, BentoML max_batch_size, "
+                                  f"Ray Serve's @serve.batch) and runs {w.threads} torch thread(s), the spec's "
+                                  f"device.cpus, as does the in-process limit. \"hybridserve Ray\" is the default "
+                                  f"`hybridserve serve`."]
         result = WorkloadResults(w.name, w.compiled_backend, w.compute_bound, header)
         measure_inprocess(w, result, args, folder)
         if not args.no_servers:

@@ -1,8 +1,10 @@
 """Server processes under test: how each is started, when it is ready, where requests go.
 
-Every server runs in its own process group, started here and stopped here (SIGTERM to the
-server, then SIGKILL of its group only). hybridserve runs on Ray in both layouts (a deployment
-per model, and ``--layout combined``) and without Ray. Torch threads are pinned to one per model worker everywhere.
+Every server runs in its own session and process group, started here and stopped here (SIGTERM
+to the server, then SIGKILL of its group only). hybridserve runs as its users start it: the
+default ``hybridserve serve`` (Ray), ``--layout combined`` and ``--no-ray``. The plain Ray Serve
+app (``benchmarks/plain_ray.py``) is the engine's floor. Every server runs as many torch threads
+as the spec's ``device.cpus`` (``OMP_NUM_THREADS`` too).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from benchmarks.workloads import ROOT, Workload
 
 BENTOML_TOOLS = ROOT / ".venv" / "bench-tools" / "bentoml"
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+# Row labels the report's targets read.
+PLAIN_RAY = "plain Ray Serve, @serve.batch (eager)"
+FASTAPI = "FastAPI + uvicorn (eager)"
+LITSERVE = "LitServe batched (eager)"
 
 
 def free_port() -> int:
@@ -41,11 +47,12 @@ class ServerProcess:
     ready_url: str
     log: Path
     env: dict[str, str] = field(default_factory=dict)
+    ray: bool = False  # starts a Ray cluster (these start one after another)
     process: subprocess.Popen | None = None
     ready_s: float | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "BENCH_TORCH_THREADS": "1", **self.env}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
         handle = open(self.log, "w")
         self.process = subprocess.Popen(self.command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -119,32 +126,38 @@ def build_servers(workload: Workload, repositories: dict[str, Path], eager_spec:
     batching = workload.spec.get("batching", {})
     max_batch, wait_ms = str(batching.get("max_batch_size", 8)), str(batching.get("max_wait_ms", 5.0))
     compiled = workload.compiled_backend
-    ports = {name: free_port() for name in ("ray", "ray-combined", "noray", "fastapi", "litserve", "litserve-nobatch", "bentoml")}
+    ports = {name: free_port() for name in ("ray", "ray-combined", "noray", "plain-ray", "fastapi", "litserve",
+                                            "litserve-nobatch", "bentoml")}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    def hybridserve(name: str, *extra: str) -> list[str]:
-        return [python, "-m", "hybridserve.server.cli.main", "serve", "--repository", str(repositories["ray"]),
-                "--host", "127.0.0.1", "--port", str(ports[name]), "--grpc-port", str(free_port()), *extra]
+    threads = {"OMP_NUM_THREADS": str(workload.threads)}
+
+    def hybridserve(name: str, repository: str, *extra: str) -> ServerProcess:
+        command = [python, "-m", "hybridserve.server.cli.main", "serve", "--repository", str(repositories[repository]),
+                   "--host", "127.0.0.1", "--port", str(ports[name]), "--grpc-port", str(free_port()), *extra]
+        return ServerProcess(name, command, url[name] + "/readyz", logs / f"{name}.log", threads,
+                             ray="--no-ray" not in extra)
 
     peer = [python, "-m", "benchmarks.peers"]
     servers = {
-        "ray": ServerProcess("ray", hybridserve("ray"), url["ray"] + "/readyz", logs / "ray.log"),
-        "ray-combined": ServerProcess("ray-combined", hybridserve("ray-combined", "--layout", "combined"),
-                                      url["ray-combined"] + "/readyz", logs / "ray-combined.log"),
-        "noray": ServerProcess("noray", peer + ["noray", "--spec", str(repositories["noray"]), "--port",
-                                         str(ports["noray"])], url["noray"] + "/readyz", logs / "noray.log"),
+        "ray": hybridserve("ray", "ray"),
+        "ray-combined": hybridserve("ray-combined", "ray", "--layout", "combined"),
+        "noray": hybridserve("noray", "noray", "--no-ray"),
+        "plain-ray": ServerProcess("plain-ray", [python, "-m", "benchmarks.plain_ray", "--spec", str(eager_spec),
+                                                 "--port", str(ports["plain-ray"]), "--grpc-port", str(free_port())],
+                                   url["plain-ray"] + "/health", logs / "plain-ray.log", threads, ray=True),
         "fastapi": ServerProcess("fastapi", peer + ["fastapi", "--spec", str(eager_spec), "--port", str(ports["fastapi"])],
-                                 url["fastapi"] + "/health", logs / "fastapi.log"),
+                                 url["fastapi"] + "/health", logs / "fastapi.log", threads),
         "litserve": ServerProcess("litserve", peer + ["litserve", "--spec", str(eager_spec), "--port",
                                   str(ports["litserve"]), "--max-batch", max_batch, "--wait-ms", wait_ms],
-                                  url["litserve"] + "/health", logs / "litserve.log"),
+                                  url["litserve"] + "/health", logs / "litserve.log", threads),
         "litserve-nobatch": ServerProcess("litserve-nobatch", peer + ["litserve", "--spec", str(eager_spec), "--port",
                                           str(ports["litserve-nobatch"])], url["litserve-nobatch"] + "/health",
-                                          logs / "litserve-nobatch.log"),
+                                          logs / "litserve-nobatch.log", threads),
         "bentoml": ServerProcess(
             "bentoml", [python, str(BENTOML_TOOLS / "bin" / "bentoml"), "serve",
                         "benchmarks.bentoml_service:BenchService", "--host", "127.0.0.1", "--port", str(ports["bentoml"])],
             url["bentoml"] + "/readyz", logs / "bentoml.log",
-            env={"PYTHONPATH": f"{BENTOML_TOOLS}{os.pathsep}{ROOT}", "BENCH_SPEC": str(eager_spec),
+            env={**threads, "PYTHONPATH": f"{BENTOML_TOOLS}{os.pathsep}{ROOT}", "BENCH_SPEC": str(eager_spec),
                  "BENCH_MAX_BATCH": max_batch,
                  "BENCH_MAX_LATENCY_MS": str(int(max(1000.0, workload.seconds_per_point * 1500)))}),
     }
@@ -164,8 +177,9 @@ def build_servers(workload: Workload, repositories: dict[str, Path], eager_spec:
                   hybridserve_target(url["ray"], workload, compiled, "slo")),
            System(f"hybridserve no-ray ({compiled}), adaptive, SLO {workload.latency_slo_ms:g} ms", "noray",
                   hybridserve_target(url["noray"], workload, compiled, "slo"))] if workload.latency_slo_ms else []),
-        System("FastAPI + uvicorn (eager)", "fastapi", peer_target(url["fastapi"], workload)),
-        System("LitServe batched (eager)", "litserve", peer_target(url["litserve"], workload)),
+        System(PLAIN_RAY, "plain-ray", peer_target(url["plain-ray"], workload)),
+        System(FASTAPI, "fastapi", peer_target(url["fastapi"], workload)),
+        System(LITSERVE, "litserve", peer_target(url["litserve"], workload)),
         System("LitServe batch 1 (eager)", "litserve-nobatch", peer_target(url["litserve-nobatch"], workload), at_32),
         System("BentoML batched (eager)", "bentoml", peer_target(url["bentoml"], workload, bentoml=True)),
     ]

@@ -1,9 +1,11 @@
 """The benchmarked models, their request payloads, and the model repository the servers load.
 
-Two workloads: the built-in digit classifier (a few milliseconds per image: overhead-bound)
-and CRAFT x4 from ``../shared/eval`` on 128x128 inputs (compute-bound). Every server gets the
-same JSON request, ``{"image": <base64 PNG>}``, and answers JSON (restored images as base64
-PNG), so the wire and codec work is equal across servers.
+Three workloads: the built-in digit classifier (a few milliseconds per image: overhead-bound),
+EfficientFormerV2-S0 from timm with random weights (``benchmarks/specs/``, about 26 ms per
+image on one core: compute-bound) on a 224x224 photo, and CRAFT x4 from ``../shared/eval`` on
+128x128 inputs (compute-bound, where present). Every server gets the same JSON request,
+``{"image": <base64 PNG>}``, and answers JSON (restored images as base64 PNG), so the wire and
+codec work is equal across servers; every server runs the spec's ``device.cpus`` torch threads.
 
 Each workload is served under several names from one repository: ``<name>-eager``,
 ``<name>-<backend>`` (the compiled one), ``<name>-<backend>-nobatch`` (batch size 1, for
@@ -22,9 +24,11 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from hybridserve.server.core.spec import ModelSpec, builtin_repository, load_spec
+from hybridserve.server.core.spec import ModelSpec
+from hybridserve.server.repository import builtin_repository, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+SPECS = Path(__file__).resolve().parent / "specs"
 EVAL = ROOT.parent / "shared" / "eval"
 CRAFT_WEIGHTS = EVAL / "sr" / "checkpoints" / "craft_x4.pth"
 CRAFT_INPUT = EVAL / "sr" / "Set5" / "LR_bicubic" / "X4" / "babyx4.png"
@@ -42,6 +46,11 @@ class Workload:
     batching_gain: bool = True  # measure the batch-1 variants (the batching gain) too
     rounds: int = 2  # interleaved rounds of server measurements
     compute_bound: bool = False  # the model's compute, not serving overhead, bounds throughput
+
+    @property
+    def threads(self) -> int:
+        """Torch threads of every server and of the in-process measurements: the spec's ``device.cpus``."""
+        return max(1, int(ModelSpec.model_validate({**self.spec, "name": "x"}).device.cpus))
 
     @property
     def verb(self) -> str:
@@ -105,8 +114,21 @@ def craft_workload() -> Workload | None:
                     batching_gain=False, rounds=1, compute_bound=True)
 
 
+def timm_workload() -> Workload:
+    """A compute-bound hybrid nobody here tuned for, on a photo (scikit-image's cat, 224x224)."""
+    from skimage import data
+
+    spec = yaml.safe_load((SPECS / "efficientformerv2-s0.yaml").read_text())
+    photo = Image.fromarray(data.chelsea())
+    side = min(photo.size)
+    left, top = (photo.width - side) // 2, (photo.height - side) // 2
+    photo = photo.crop((left, top, left + side, top + side)).resize((224, 224), Image.Resampling.BICUBIC)
+    return Workload(spec.pop("name"), spec, _json_image(_png(np.asarray(photo), "RGB")), "aot", (1, 8), 20.0,
+                    batching_gain=False, rounds=1, compute_bound=True)
+
+
 def workloads(only: list[str] | None = None) -> list[Workload]:
-    found = [w for w in (classifier_workload(), craft_workload()) if w is not None]
+    found = [w for w in (classifier_workload(), timm_workload(), craft_workload()) if w is not None]
     return [w for w in found if not only or w.name in only]
 
 

@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 
 DRAINING_PERIOD_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
-GATEWAY_GRPC_PORTS = 32  # gRPC ports a local cluster's gateway replicas may take (Ray's range is 1000)
+GATEWAY_PORTS = 32  # HTTP and gRPC ports a local cluster's gateway replicas may take (Ray's ranges are 1000)
 
 
 def serve_ray(repository: str, specs, args: argparse.Namespace, banner) -> int:
@@ -75,8 +75,8 @@ def local_serve_env(folder: Path | None = None) -> dict[str, str]:
     """What a local cluster adds to its environment for HAProxy ingress (variables already set win).
 
     HAProxy's stats and metrics ports move to free ones where taken. The gateway replicas' gRPC
-    ports get a block of their own: Ray 2.60 binds them with SO_REUSEPORT, so two local clusters
-    on Ray's default range would share a port and answer each other's calls. With a state
+    and HTTP ports get blocks of their own: Ray 2.60 binds them with SO_REUSEPORT, so two local
+    clusters on Ray's default ranges would share a port and answer each other's calls. With a state
     ``folder`` (``hybridserve serve``), HAProxy keeps its files there and runs through our
     launcher, and the gateway replicas learn where the drain flag is.
     """
@@ -97,10 +97,11 @@ def local_serve_env(folder: Path | None = None) -> dict[str, str]:
     for key, port in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
         if key not in os.environ:
             env[key] = str(metrics_export_port(port))
-    if "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT" not in os.environ:
-        low = _free_port_block(GATEWAY_GRPC_PORTS)
-        env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] = str(low)
-        env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"] = str(low + GATEWAY_GRPC_PORTS - 1)
+    block = _free_port_block(2 * GATEWAY_PORTS)  # one block, split: the two ranges cannot overlap
+    for offset, kind in ((0, "GRPC"), (GATEWAY_PORTS, "HTTP")):
+        if f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT" not in os.environ:
+            env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT"] = str(block + offset)
+            env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT"] = str(block + offset + GATEWAY_PORTS - 1)
     real_binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or haproxy_binary()
     if folder is not None and real_binary:
         moved = haproxy.haproxy_env(folder, real_binary)
@@ -122,7 +123,7 @@ def _free_port_block(size: int) -> int:
     for start in random.sample(range(42000, 60000 - size, size), 100):
         if all(free(port) for port in range(start, start + size)):
             return start
-    raise OSError(f"no {size} consecutive free ports for the gateway's gRPC servers")
+    raise OSError(f"no {size} consecutive free ports for the gateway replicas' servers")
 
 
 def grpc_servicers() -> list[str]:

@@ -10,6 +10,7 @@ of killing the server or its replica. Probing runs once per build; cached artifa
 from __future__ import annotations
 
 import ctypes
+import logging
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger("hybridserve.compile")
 
 PROBE_TIMEOUT_S = 600
 

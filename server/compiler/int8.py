@@ -34,7 +34,9 @@ from hybridserve.server.compiler.backends import BUILDERS, availability
 from hybridserve.server.compiler.gate import Gate, GateReport, item_batches
 from hybridserve.server.compiler.kernels import MissingInt8Kernels, verify_int8
 from hybridserve.server.compiler.quantize import export_graph, has_vnni, quantizable_layers, quantize, sensitivity
-from hybridserve.server.compiler.runner import BatchRunner, CompileResult, example_batch, max_relative_error
+from hybridserve.server.compiler.runner import (
+    BatchRunner, CompileResult, default_buckets, example_batch, max_relative_error,
+)
 from hybridserve.server.core.spec import Compile
 from hybridserve.server.tasks.base import InferenceRequest, Item, TaskHandler
 
@@ -167,7 +169,9 @@ def _build(handler, eager, backend, config, item, shape, cal_items, gate, extra)
             quantized, fp32, simulated, layers = (torch.export.load(folder / "quantized.pt2").module(),
                                                   meta["fp32_layers"], None, meta["kernels"]["quantized_layers"])
         with torch._inductor.config.patch(freezing=True):
-            programs, files = BUILDERS[backend](quantized, examples, max_batch, config.batch_buckets, folder, meta)
+            # Inductor's int8 conv layouts break under a symbolic batch (a stride assertion): static buckets.
+            buckets = config.batch_buckets or (default_buckets(max_batch) if backend == "inductor" else None)
+            programs, files = BUILDERS[backend](quantized, examples, max_batch, buckets, folder, meta)
         if backend == "inductor":
             programs = {size: _Freezing(p) for size, p in programs.items()}
         runner = BatchRunner(programs, eager, shape, max_batch)

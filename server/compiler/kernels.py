@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-INT8_EVENT = re.compile(r"onednn::(q(?:conv|linear)\w*)")
+INT8_EVENT = re.compile(r"onednn::(q(?:conv|linear)\w*pointwise\w*)")
 AOT_CALL = re.compile(r"aoti_torch_cpu__(q(?:conv|linear)\w*?)(?:_tensor)?\(")
 
 
@@ -32,7 +32,8 @@ def profiled_kernels(program: Callable[..., Any], example: tuple[torch.Tensor, .
     """The oneDNN int8 ops one call of ``program`` runs, with how often each ran."""
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         program(*example)
-    return Counter(match.group(1) for event in prof.events() if (match := INT8_EVENT.match(event.name)))
+    return Counter(match.group(1) for event in prof.events() if (match := INT8_EVENT.match(event.name))
+                   and not (event.cpu_parent and INT8_EVENT.match(event.cpu_parent.name)))  # outermost calls only
 
 
 def package_kernels(package: Path) -> Counter[str]:

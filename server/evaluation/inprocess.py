@@ -52,7 +52,8 @@ class LocalPredictor:
         pending = asyncio.all_tasks(self._loop)
         for task in pending:
             task.cancel()
-        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if pending:  # gather() of nothing would look for a loop outside one
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
 
     def model(self, name: str) -> Any:

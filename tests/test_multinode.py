@@ -137,7 +137,6 @@ def _logs(paths: list[Path]) -> str:
     return "\n".join(f"--- {p.name} (tail)\n" + p.read_text(errors="replace")[-3000:] for p in paths if p.exists())
 
 
-@pytest.mark.xfail(reason="issue 13, open: with the per-batch hop, losing the last node offering a model's resource answers 500, not 503/504", strict=False)
 def test_replica_on_second_node_and_node_loss(tmp_path):
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the ray command is not installed next to this Python")

@@ -97,6 +97,10 @@ class Batcher:
         started = time.monotonic()
         try:
             results = await self._execute([e for e, _, _ in batch])
+        except asyncio.CancelledError:  # the batcher stops: nobody is left waiting
+            for _, future, _ in batch:
+                future.cancel()
+            raise
         except Exception as exc:  # the whole batch failed: every caller sees it
             for _, future, _ in batch:
                 if not future.done():

@@ -88,7 +88,10 @@ class RayBatcher(Batcher):
     async def _call(self, entries: list[Entry]) -> list[BatchOutput]:
         try:
             outputs = await self.handle.run_batch.remote(batch_payload(entries))
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            # Ray cancels a call whose replica died; only a cancellation of this batch task is ours.
+            if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                raise
             error = as_hybridserve_error(exc)
             if not isinstance(error, HybridServeError) or error.code == "internal":
                 error = ModelNotReady(f"model {self.spec.name!r} is unavailable ({type(exc).__name__})",
@@ -111,7 +114,9 @@ class RemoteModel:
     async def state(self) -> ModelState:
         try:
             state, traits = await asyncio.wait_for(self.handle.describe.remote(), INFO_TIMEOUT_S)
-        except Exception as exc:  # still loading, or its replica died
+        except (Exception, asyncio.CancelledError) as exc:  # still loading, or its replica died
+            if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                raise
             return ModelState("loading", reason=f"no replica answered ({type(exc).__name__})")
         if state.status == "ready" and self.handler is None:
             loaded = LoadedModel(module=None, **traits)

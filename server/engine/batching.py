@@ -46,10 +46,6 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def submit(self, entry: Any) -> Any:
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()

@@ -94,7 +94,7 @@ class DataPlane:
         # The deadline is set here, once, as an absolute time: it bounds the wait and rides on the items.
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            async with asyncio.timeout_at(None if deadline is None else asyncio.get_running_loop().time() + timeout_s):
+            async with asyncio.timeout_at(deadline):  # the loop's clock is time.monotonic
                 return await endpoint.infer(request, deadline)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer from model {name!r} within {timeout_s:g}s") from None

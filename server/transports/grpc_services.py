@@ -214,10 +214,12 @@ def _message(result: Any, message_type: type):
 def _task_rpc(task: Task):
     """The typed RPC of ``task`` (``Classify``, ``Detect``...): request message -> task -> proto result."""
 
+    # Known once, not per call: whether the task's request message has a reference image.
+    takes_reference = "reference" in getattr(v1, f"{task.grpc_method}Request").DESCRIPTOR.fields_by_name
+
     async def call(self, request, grpc_context=None):
         options = oip.options_from(task.grpc_options(request))
-        reference = request.reference if "reference" in request.DESCRIPTOR.fields_by_name \
-            and request.HasField("reference") else None
+        reference = request.reference if takes_reference and request.HasField("reference") else None
         inference = InferenceRequest(request.image, reference, options)
         outcome = await self.plane.infer(request.model, task.verb, inference, request_timeout(grpc_context, self.settings))
         metrics.note_outcomes([outcome])

@@ -99,6 +99,9 @@ class RayServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited ({self.process.returncode}):\n{self.output}")
+            if not any("hybridserve is serving" in line for line in self.lines):
+                time.sleep(0.5)  # its banner: a port still held by a killed server's proxy says nothing of this one
+                continue
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=3).status_code == 200:
                     return self

@@ -189,7 +189,6 @@ def test_sigterm_on_ray_drains_in_flight_requests_and_exits_0(ray_server):
     assert "Drained in" in ray_server.output
 
 
-@pytest.mark.xfail(reason="issue 17, open: after SIGKILL the killed server's HAProxy was still running here; see the stop note", strict=False)
 def test_sigkill_then_restart_on_the_same_ports(tmp_path):
     write_spec(tmp_path, "psnr", **PSNR_SPEC)
     first = RayServer(tmp_path).wait_ready()

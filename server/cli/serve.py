@@ -75,8 +75,9 @@ def local_serve_env(folder: Path | None = None) -> dict[str, str]:
     """What a local cluster adds to its environment for HAProxy ingress (variables already set win).
 
     HAProxy's stats and metrics ports move to free ones where taken. The gateway replicas' gRPC
-    and HTTP ports get blocks of their own: Ray 2.60 binds them with SO_REUSEPORT, so two local
-    clusters on Ray's default ranges would share a port and answer each other's calls. With a state
+    and HTTP ports, and those of Serve's fallback proxy behind HAProxy, get a block of their own:
+    Ray 2.60 binds them with SO_REUSEPORT, so two local clusters on Ray's defaults would share a
+    port and answer each other's calls. With a state
     ``folder`` (``hybridserve serve``), HAProxy keeps its files there and runs through our
     launcher, and the gateway replicas learn where the drain flag is.
     """
@@ -97,11 +98,16 @@ def local_serve_env(folder: Path | None = None) -> dict[str, str]:
     for key, port in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
         if key not in os.environ:
             env[key] = str(metrics_export_port(port))
-    block = _free_port_block(2 * GATEWAY_PORTS)  # one block, split: the two ranges cannot overlap
+    block = _free_port_block(2 * GATEWAY_PORTS + 2)  # one block, split: the ranges cannot overlap
     for offset, kind in ((0, "GRPC"), (GATEWAY_PORTS, "HTTP")):
         if f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT" not in os.environ:
             env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT"] = str(block + offset)
             env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT"] = str(block + offset + GATEWAY_PORTS - 1)
+    # Serve's own proxy stays up behind HAProxy as its fallback backend, on 8500/9500 by default,
+    # also bound with SO_REUSEPORT: a second cluster there would answer the first one's requests.
+    for offset, kind in ((2 * GATEWAY_PORTS, "HTTP"), (2 * GATEWAY_PORTS + 1, "GRPC")):
+        if f"RAY_SERVE_FALLBACK_PROXY_{kind}_PORT" not in os.environ:
+            env[f"RAY_SERVE_FALLBACK_PROXY_{kind}_PORT"] = str(block + offset)
     real_binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or haproxy_binary()
     if folder is not None and real_binary:
         moved = haproxy.haproxy_env(folder, real_binary)

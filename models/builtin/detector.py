@@ -1,6 +1,6 @@
 """HybridDetector: a small anchor-free hybrid CNN-Transformer object detector.
 
-The backbone is the built-in classifier's ``HybridBackbone``: MBConv stages at high
+The backbone is the built-in models' ``HybridBackbone`` (``blocks.py``): MBConv stages at high
 resolution, then a transformer stage (self-attention over the tokens of the stride-16
 map) that lets every location see the whole image. A top-down feature pyramid brings the
 result back to stride 4, where a CenterNet-style head (Zhou et al., "Objects as Points",
@@ -16,12 +16,13 @@ returns the raw maps for training.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridserve.models.builtin.classifier import ConvNormAct, HybridBackbone
+from hybridserve.models.builtin.blocks import ConvNormAct, HybridModel
 
 HEATMAP_PRIOR = 0.01  # initial centre probability, so early training is not swamped by negatives
 MAX_LOG_SIZE = 8.0  # bound on predicted log box size (cells) before exp
@@ -51,32 +52,18 @@ class TopDownNeck(nn.Module):
         return x
 
 
-class HybridDetector(nn.Module):
+class HybridDetector(HybridModel):
     """``x`` normalised (N, 3, H, W) -> (boxes (N, K, 4) xyxy in [0, 1], scores (N, K), labels (N, K))."""
 
-    def __init__(
-        self,
-        num_classes: int = 3,
-        in_chans: int = 3,
-        dims: Sequence[int] = (32, 64, 128),
-        depths: Sequence[int] = (1, 2, 2),
-        num_conv_stages: int = 2,
-        head_dim: int = 32,
-        mlp_ratio: float = 2.0,
-        stem_stride: int = 2,
-        expand_ratio: float = 4.0,
-        neck_dim: int = 64,
-        max_detections: int = 100,
-    ) -> None:
-        super().__init__()
-        self.in_channels = in_chans
+    backbone_defaults = {"dims": (32, 64, 128), "depths": (1, 2, 2), "mlp_ratio": 2.0}
+
+    def __init__(self, num_classes: int = 3, neck_dim: int = 64, max_detections: int = 100,
+                 **backbone_args: Any) -> None:
+        super().__init__(**backbone_args)
         self.num_classes = num_classes
         self.max_detections = max_detections
-        self.backbone = HybridBackbone(
-            in_chans, dims, depths, num_conv_stages, head_dim, mlp_ratio, stem_stride, expand_ratio
-        )
         self.stride = self.backbone.strides[0]
-        self.neck = TopDownNeck(dims, neck_dim)
+        self.neck = TopDownNeck(self.backbone.out_dims, neck_dim)
         self.heatmap_head = nn.Sequential(SeparableConv(neck_dim, neck_dim), nn.Conv2d(neck_dim, num_classes, 1))
         self.box_head = nn.Sequential(SeparableConv(neck_dim, neck_dim), nn.Conv2d(neck_dim, 4, 1))
         prior_logit = -torch.log(torch.tensor((1 - HEATMAP_PRIOR) / HEATMAP_PRIOR))

@@ -16,13 +16,13 @@ higher meaning better quality.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridserve.models.builtin.classifier import HybridBackbone
+from hybridserve.models.builtin.blocks import HybridModel, check_heads
 
 
 class AttentionPool(nn.Module):
@@ -30,9 +30,7 @@ class AttentionPool(nn.Module):
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
+        self.num_heads = check_heads(dim, num_heads)
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.query, std=0.02)
         self.norm = nn.LayerNorm(dim)
@@ -49,22 +47,14 @@ class AttentionPool(nn.Module):
         return self.proj(pooled.reshape(n, dim))
 
 
-class HybridIQA(nn.Module):
+class HybridIQA(HybridModel):
     """``x`` normalised with ImageNet mean/std (N, 3, H, W) -> quality (N,) in [0, 1]."""
 
-    def __init__(
-        self,
-        in_chans: int = 3,
-        dims: Sequence[int] = (32, 64, 128),
-        depths: Sequence[int] = (2, 2, 2),
-        num_conv_stages: int = 2,
-        head_dim: int = 32,
-        mlp_ratio: float = 2.0,
-        stem_stride: int = 2,
-    ) -> None:
-        super().__init__()
-        self.in_channels = in_chans
-        self.backbone = HybridBackbone(in_chans, dims, depths, num_conv_stages, head_dim, mlp_ratio, stem_stride)
+    backbone_defaults = {"dims": (32, 64, 128), "depths": (2, 2, 2), "mlp_ratio": 2.0}
+
+    def __init__(self, **backbone_args: Any) -> None:
+        super().__init__(**backbone_args)
+        dims, head_dim = self.backbone.out_dims, self.backbone.head_dim
         self.pool = AttentionPool(dims[-1], max(1, dims[-1] // head_dim))
         pooled_width = dims[-1] + 2 * sum(dims[:-1])
         self.norm = nn.LayerNorm(pooled_width)

@@ -1,6 +1,6 @@
 """HybridSegmenter: a small hybrid CNN-Transformer semantic segmenter with a SegFormer-style head.
 
-The backbone is the built-in classifier's ``HybridBackbone``, as in the built-in detector:
+The backbone is the built-in models' ``HybridBackbone`` (``blocks.py``), as in the detector:
 MBConv stages at high resolution, then a transformer stage (self-attention over the tokens
 of the stride-16 map) that lets every location see the whole image.
 
@@ -18,12 +18,13 @@ Shapes are taken from the input, so the module traces with ``torch.export``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridserve.models.builtin.classifier import ConvNormAct, HybridBackbone
+from hybridserve.models.builtin.blocks import ConvNormAct, HybridModel
 
 
 class AllMLPDecoder(nn.Module):
@@ -44,31 +45,17 @@ class AllMLPDecoder(nn.Module):
         return self.classifier(self.dropout(self.fuse(torch.cat(maps, dim=1))))
 
 
-class HybridSegmenter(nn.Module):
+class HybridSegmenter(HybridModel):
     """``x`` normalised (N, 3, H, W) -> logits (N, num_classes, H / s, W / s), s the first stage's stride."""
 
-    def __init__(
-        self,
-        num_classes: int = 4,
-        in_chans: int = 3,
-        dims: Sequence[int] = (32, 64, 128),
-        depths: Sequence[int] = (1, 2, 2),
-        num_conv_stages: int = 2,
-        head_dim: int = 32,
-        mlp_ratio: float = 2.0,
-        stem_stride: int = 2,
-        expand_ratio: float = 4.0,
-        decoder_dim: int = 64,
-        drop_rate: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.in_channels = in_chans
+    backbone_defaults = {"dims": (32, 64, 128), "depths": (1, 2, 2), "mlp_ratio": 2.0}
+
+    def __init__(self, num_classes: int = 4, decoder_dim: int = 64, drop_rate: float = 0.0,
+                 **backbone_args: Any) -> None:
+        super().__init__(**backbone_args)
         self.num_classes = num_classes
-        self.backbone = HybridBackbone(
-            in_chans, dims, depths, num_conv_stages, head_dim, mlp_ratio, stem_stride, expand_ratio
-        )
         self.stride = self.backbone.strides[0]
-        self.decoder = AllMLPDecoder(dims, decoder_dim, num_classes, drop_rate)
+        self.decoder = AllMLPDecoder(self.backbone.out_dims, decoder_dim, num_classes, drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.backbone(x))

@@ -175,6 +175,20 @@ class LocalServer:
                 time.sleep(0.5)
         raise RuntimeError("server did not start")
 
+    def wait_ready(self, timeout: float = 300) -> LocalServer:
+        """Live, then ready: every model loaded and warmed up (``/readyz`` answers 200)."""
+        import httpx
+
+        self.wait_live(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.process.stdout.read()}")
+            if httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200:
+                return self
+            time.sleep(0.5)
+        raise RuntimeError("server did not become ready")
+
     def stop(self) -> None:
         self.process.terminate()
         try:

@@ -243,6 +243,21 @@ def test_segment_mask_is_the_input_size(api, server):
     assert sum(c.pixels for c in result.classes) == 72 * 100
 
 
+def test_segment_with_run_lengths(api, server):
+    """format="rle": the classes carry their runs, no PNG travels, and the runs give the PNG's mask."""
+    server.need("segmenter")
+    scenes = [held_out_scene(128, 128), held_out_scene(90, 60)]
+    as_png = api.segment("segmenter", scenes)
+    as_runs = api.segment("segmenter", scenes, format="rle")
+    for png_result, rle_result in zip(as_png, as_runs, strict=True):
+        assert (rle_result.mask_format, rle_result.mask) == ("rle", None) and png_result.mask_format == "png"
+        assert all(sum(c.rle) == rle_result.width * rle_result.height for c in rle_result.classes)
+        assert np.array_equal(rle_result.mask_array(), png_result.mask_array())
+        assert [c.pixels for c in rle_result.classes] == [c.pixels for c in png_result.classes]
+    with pytest.raises(InvalidInput, match="png, rle"):
+        api.segment("segmenter", scenes[0], format="webp")
+
+
 def test_a_per_call_timeout_overrides_the_clients(api, server):
     server.need("segmenter")
     scene = held_out_scene(128, 128)

@@ -6,14 +6,17 @@ schemas' ``Task``/``TASK_VERBS`` and the command line. No server: these read the
 from __future__ import annotations
 
 import inspect
+import io
 import typing
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from hybridserve_client import USE_CLIENT_DEFAULT, AsyncClient, Client, RestoredImage
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as pb
 from hybridserve_client.cli import build_parser
-from hybridserve_client.schemas import TASK_VERBS, ModelInfo, Task
+from hybridserve_client.schemas import TASK_VERBS, ModelInfo, SegmentationResult, SegmentClass, Task
 from hybridserve_client.tasks import TASKS, TaskInfo, task_of
 
 SERVICE = pb.DESCRIPTOR.services_by_name["HybridServe"]
@@ -70,12 +73,38 @@ def test_each_task_has_its_rpc_and_messages(task: TaskInfo):
 def test_segmentation_messages_match_the_schema():
     classes = pb.SegmentClass.DESCRIPTOR.fields_by_name
     assert [(f.name, f.number) for f in pb.SegmentClass.DESCRIPTOR.fields] == [
-        ("index", 1), ("label", 2), ("pixels", 3), ("fraction", 4)]
-    assert classes["pixels"].type == classes["pixels"].TYPE_INT64
+        ("index", 1), ("label", 2), ("pixels", 3), ("fraction", 4), ("rle", 5)]
+    assert classes["pixels"].type == classes["rle"].type == classes["pixels"].TYPE_INT64
+    assert [f.name for f in pb.SegmentClass.DESCRIPTOR.fields] == list(SegmentClass.model_fields)
     result = pb.SegmentationResult.DESCRIPTOR
     assert [(f.name, f.number) for f in result.fields] == [
-        ("model", 1), ("width", 2), ("height", 3), ("labels", 4), ("classes", 5), ("mask", 6)]
+        ("model", 1), ("width", 2), ("height", 3), ("labels", 4), ("classes", 5), ("mask", 6), ("mask_format", 7)]
     assert result.fields_by_name["mask"].type == result.fields_by_name["mask"].TYPE_BYTES
+    assert pb.SegmentRequest.DESCRIPTOR.fields_by_name["format"].has_presence
+
+
+def test_run_lengths_decode_to_the_mask():
+    """format=rle: each class's COCO-style runs (column-major, starting outside) rebuild the mask exactly."""
+    rng = np.random.default_rng(3)
+    mask = rng.integers(0, 3, (5, 7), dtype=np.uint8)
+    mask[0, 0] = 2  # a class whose first run (outside) is empty
+    classes = []
+    for index in np.unique(mask):
+        inside = (mask == index).ravel(order="F")
+        runs, value, length = [], False, 0
+        for pixel in inside:
+            if pixel != value:
+                runs.append(length)
+                value, length = pixel, 0
+            length += 1
+        runs.append(length)
+        classes.append(SegmentClass(index=int(index), label=str(index), pixels=int(inside.sum()),
+                                    fraction=float(inside.mean()), rle=runs))
+    result = SegmentationResult(model="m", width=7, height=5, labels=["0", "1", "2"], classes=classes,
+                                mask_format="rle")
+    assert classes[-1].rle[0] == 0 and result.mask is None
+    assert np.array_equal(result.mask_array(), mask)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(result.mask_png()))), mask)
 
 
 @pytest.mark.parametrize("task", TASKS, ids=IDS)

@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as v1
@@ -26,7 +29,7 @@ def local(tmp_path_factory):
     for name in ("classifier", "segmenter"):
         for suffix in (".yaml", ".safetensors"):
             shutil.copy(builtin_repository() / f"{name}{suffix}", repo)
-    server = LocalServer(repo).wait_live(timeout=300)
+    server = LocalServer(repo).wait_ready(timeout=300)
     try:
         yield server
     finally:
@@ -48,6 +51,29 @@ def test_tritonclient_grpc_against_the_in_process_server(local):
     assert answer.as_numpy("top_k_indices")[0][0] == typed["predictions"][0]["index"]
     with pytest.raises(InferenceServerException, match="no model named"):
         client.infer("nope", [tensor])
+
+
+def test_tritonclient_grpc_segments_on_the_in_process_server(local):
+    """The segmentation tensors over the in-process OIP gRPC service: ``mask`` [N, H, W] of class indices,
+    the same mask the typed HTTP API answers as a PNG, and ``class_pixels`` that count it."""
+    scenes = held_out_segmentation_scenes(2)
+    images = np.stack([scene.scene.image for scene in scenes])
+    client = grpcclient.InferenceServerClient(local.grpc_target)
+    assert client.is_model_ready("segmenter")
+    metadata = client.get_model_metadata("segmenter")
+    assert {o.name: (o.datatype, list(o.shape)) for o in metadata.outputs}["mask"] == ("UINT8", [-1, -1, -1])
+    tensor = grpcclient.InferInput("image_pixels", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images)
+    answer = client.infer("segmenter", [tensor], outputs=[grpcclient.InferRequestedOutput(name)
+                                                          for name in ("mask", "class_pixels")])
+    masks, counts = answer.as_numpy("mask"), answer.as_numpy("class_pixels")
+    assert masks.shape == images.shape[:3] and masks.dtype == np.uint8
+    for mask, count, scene in zip(masks, counts, scenes):
+        assert float((mask == scene.class_map).mean()) > 0.9
+        assert list(count) == list(np.bincount(mask.reshape(-1), minlength=count.shape[0]))
+        label_image = httpx.post(f"{local.url}/v1/models/segmenter/segment", content=png(scene.scene.image),
+                                 headers={"Content-Type": "image/png"}, timeout=30)
+        assert np.array_equal(mask, np.asarray(Image.open(io.BytesIO(label_image.content))))
 
 
 def test_typed_grpc_against_the_in_process_server(local):

@@ -1,5 +1,6 @@
-"""Semantic segmentation end to end on the served built-in ``segmenter``: typed HTTP in every body
-form, the mask as PNG bytes, the Open Inference Protocol over HTTP and gRPC (tritonclient), and the
+"""Semantic segmentation end to end on the served built-in ``segmenter`` (Ray): typed HTTP in every
+body form, answered as the PNG label image (the default) or JSON (the mask as PNG, or each class's
+run lengths on request), the Open Inference Protocol over HTTP and gRPC (tritonclient), and the
 typed gRPC service. The answers are checked against the scenes' true class maps (held-out seeds),
 and every transport must give the same mask.
 """
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from google.protobuf import json_format
 from PIL import Image
 
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as v1
@@ -40,43 +42,87 @@ def pixel_accuracy(mask: np.ndarray, truth: np.ndarray) -> float:
 
 
 def segment_http(server, body: bytes | None = None, **kwargs) -> httpx.Response:
-    return httpx.post(f"{server.http_url}/v1/models/{MODEL}/segment", content=body, timeout=60, **kwargs)
+    if body is not None:
+        kwargs["content"] = body
+    return httpx.post(f"{server.http_url}/v1/models/{MODEL}/segment", timeout=60, **kwargs)
+
+
+JSON = {"Accept": "application/json"}
+
+
+def check_json(result: SegmentationResult, scene) -> np.ndarray:
+    """The mask of a JSON answer, after checking its size, labels and class counts against it."""
+    assert (result.width, result.height) == (scene.scene.image.shape[1], scene.scene.image.shape[0])
+    assert result.labels == list(CLASS_NAMES)
+    mask = result.mask_array()
+    assert mask.shape == scene.class_map.shape
+    counts = np.bincount(mask.reshape(-1), minlength=len(CLASS_NAMES))
+    assert {c.index: c.pixels for c in result.classes} == {i: int(n) for i, n in enumerate(counts) if n}
+    assert result.classes[0].pixels == max(c.pixels for c in result.classes)
+    return mask
 
 
 def test_every_http_body_form_gives_the_same_mask(server, scenes):
+    """Raw bytes, multipart and JSON base64; each answered as the PNG label image (the default) and as JSON.
+    (Images come in the body only: the API takes no image URLs.)"""
     server.need(MODEL)
     scene = scenes[0]
     image = png(scene.scene.image)
-    answers = [
-        segment_http(server, image, headers={"Content-Type": "image/png"}),
-        segment_http(server, files={"image": ("scene.png", image, "image/png")}),
-        segment_http(server, headers={"Content-Type": "application/json"},
-                     json={"image": base64.b64encode(image).decode()}),
-    ]
+    forms = {
+        "raw": {"content": image, "headers": {"Content-Type": "image/png"}},
+        "multipart": {"files": {"image": ("scene.png", image, "image/png")}},
+        "json": {"json": {"image": base64.b64encode(image).decode()}},
+    }
     masks = []
-    for response in answers:
-        assert response.status_code == 200, response.text
-        result = SegmentationResult.model_validate(response.json())
-        assert (result.width, result.height) == (scene.scene.image.shape[1], scene.scene.image.shape[0])
-        assert result.labels == list(CLASS_NAMES)
-        mask = mask_of(base64.b64decode(result.mask))
-        assert mask.shape == scene.class_map.shape
-        counts = np.bincount(mask.reshape(-1), minlength=len(CLASS_NAMES))
-        assert {c.index: c.pixels for c in result.classes} == {i: int(n) for i, n in enumerate(counts) if n}
-        assert result.classes[0].pixels == max(c.pixels for c in result.classes)
-        masks.append(mask)
+    for name, form in forms.items():
+        label_image = segment_http(server, **form)
+        assert label_image.status_code == 200, (name, label_image.text)
+        assert label_image.headers["content-type"] == "image/png", name
+        assert int(label_image.headers["X-Image-Width"]) == scene.scene.image.shape[1]
+        masks.append(mask_of(label_image.content))
+        answer = segment_http(server, **{**form, "headers": {**form.get("headers", {}), **JSON}})
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/json", name
+        result = SegmentationResult.model_validate(answer.json())
+        assert result.mask_format == "png" and all(c.rle is None for c in result.classes)
+        masks.append(check_json(result, scene))
     assert all(np.array_equal(masks[0], m) for m in masks[1:])
     assert pixel_accuracy(masks[0], scene.class_map) > 0.9
 
 
-def test_mask_as_png_bytes_on_request(server, scenes):
+def test_run_lengths_on_request(server, scenes):
+    """format=rle, as a query parameter, a JSON field or a form field: JSON with each class's runs, no PNG;
+    the runs rebuild the same mask the PNG label image holds."""
     server.need(MODEL)
     scene = scenes[1]
-    response = segment_http(server, png(scene.scene.image), headers={"Content-Type": "image/png",
-                                                                    "Accept": "image/png"})
-    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-    assert int(response.headers["X-Image-Width"]) == scene.scene.image.shape[1]
-    assert pixel_accuracy(mask_of(response.content), scene.class_map) > 0.9
+    image = png(scene.scene.image)
+    label_image = mask_of(segment_http(server, image, headers={"Content-Type": "image/png"}).content)
+    answers = [
+        segment_http(server, image, headers={"Content-Type": "image/png"}, params={"format": "rle"}),
+        segment_http(server, json={"image": base64.b64encode(image).decode(), "format": "rle"}),
+        segment_http(server, files={"image": ("scene.png", image, "image/png")}, data={"format": "rle"}),
+    ]
+    for answer in answers:
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/json", answer.text
+        body = answer.json()
+        assert body["mask_format"] == "rle" and body["mask"] is None
+        for found in body["classes"]:
+            runs = found["rle"]
+            assert sum(runs) == scene.class_map.size and sum(runs[1::2]) == found["pixels"]
+        assert np.array_equal(check_json(SegmentationResult.model_validate(body), scene), label_image)
+
+
+def test_a_format_of_another_task_is_refused(server, scenes):
+    server.need(MODEL)
+    image = png(scenes[0].scene.image)
+    jpeg = segment_http(server, image, headers={"Content-Type": "image/png"}, params={"format": "jpeg"})
+    assert jpeg.status_code == 400 and jpeg.json()["error"]["code"] == "invalid_input"
+    assert "png, rle" in jpeg.json()["error"]["message"]
+    unknown = segment_http(server, image, headers={"Content-Type": "image/png"}, params={"format": "gif"})
+    assert unknown.status_code == 400
+    if server.has("denoiser"):
+        restored = httpx.post(f"{server.http_url}/v1/models/denoiser/restore", params={"format": "rle"},
+                              content=image, headers={"Content-Type": "image/png"}, timeout=60)
+        assert restored.status_code == 400 and "png, jpeg, webp" in restored.json()["error"]["message"]
 
 
 def test_wrong_verb_and_bad_image_are_clear_errors(server, scenes):
@@ -106,8 +152,8 @@ def test_open_inference_protocol_with_tritonclient(server, scenes, transport):
     for mask, count, scene in zip(masks, counts, scenes):
         assert pixel_accuracy(mask, scene.class_map) > 0.9
         assert list(count) == list(np.bincount(mask.reshape(-1), minlength=len(CLASS_NAMES)))
-    typed = segment_http(server, png(scenes[0].scene.image), headers={"Content-Type": "image/png"}).json()
-    assert np.array_equal(masks[0], mask_of(base64.b64decode(typed["mask"])))
+    label_image = segment_http(server, png(scenes[0].scene.image), headers={"Content-Type": "image/png"})
+    assert np.array_equal(masks[0], mask_of(label_image.content))
 
 
 def test_typed_grpc_segment(server, scenes):
@@ -120,6 +166,17 @@ def test_typed_grpc_segment(server, scenes):
         assert list(answer.labels) == list(CLASS_NAMES)
         assert pixel_accuracy(mask_of(answer.mask), scene.class_map) > 0.9
         assert sum(c.pixels for c in answer.classes) == scene.class_map.size
+        assert answer.mask_format == "png" and not any(c.rle for c in answer.classes)
+        runs = v1_grpc.HybridServeStub(channel).Segment(
+            v1.SegmentRequest(model=MODEL, image=png(scene.scene.image), format="rle"), timeout=60)
+        assert runs.mask_format == "rle" and not runs.mask
+        fields = json_format.MessageToDict(runs, preserving_proto_field_name=True,
+                                           always_print_fields_with_no_presence=True)
+        assert np.array_equal(SegmentationResult.model_validate(fields).mask_array(), mask_of(answer.mask))
+        with pytest.raises(grpc.RpcError) as bad_format:
+            v1_grpc.HybridServeStub(channel).Segment(
+                v1.SegmentRequest(model=MODEL, image=png(scene.scene.image), format="webp"), timeout=60)
+        assert bad_format.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as wrong:
             v1_grpc.HybridServeStub(channel).Segment(v1.SegmentRequest(model="classifier", image=png(scene.scene.image)),
                                                      timeout=60)

@@ -131,13 +131,15 @@ class Client(BaseClient):
         return self._infer("assess", model, image, reference, {}, timeout)
 
     @overload
-    def segment(self, model: str, image: ImageInput, *, timeout: TimeoutArg = _DEFAULT) -> SegmentationResult: ...
+    def segment(self, model: str, image: ImageInput, format: str = "png", *,
+                timeout: TimeoutArg = _DEFAULT) -> SegmentationResult: ...
     @overload
-    def segment(self, model: str, image: ImageBatch, *,
+    def segment(self, model: str, image: ImageBatch, format: str = "png", *,
                 timeout: TimeoutArg = _DEFAULT) -> list[SegmentationResult]: ...
-    def segment(self, model, image, *, timeout=_DEFAULT):
-        """Label every pixel: the classes present, and the mask (``.mask_array()``, ``.mask_png()``)."""
-        return self._infer("segment", model, image, None, {}, timeout)
+    def segment(self, model, image, format="png", *, timeout=_DEFAULT):
+        """Label every pixel: the classes present, and the mask (``.mask_array()``, ``.mask_png()``), which
+        travels as a PNG (``format="png"``) or as each class's run lengths (``"rle"``)."""
+        return self._infer("segment", model, image, None, {"format": format}, timeout)
 
     # ------------------------------------------------------------ metadata and health
 
@@ -262,14 +264,15 @@ class AsyncClient(BaseClient):
         return await self._infer("assess", model, image, reference, {}, timeout)
 
     @overload
-    async def segment(self, model: str, image: ImageInput, *,
+    async def segment(self, model: str, image: ImageInput, format: str = "png", *,
                       timeout: TimeoutArg = _DEFAULT) -> SegmentationResult: ...
     @overload
-    async def segment(self, model: str, image: ImageBatch, *,
+    async def segment(self, model: str, image: ImageBatch, format: str = "png", *,
                       timeout: TimeoutArg = _DEFAULT) -> list[SegmentationResult]: ...
-    async def segment(self, model, image, *, timeout=_DEFAULT):
-        """Label every pixel: the classes present, and the mask (``.mask_array()``, ``.mask_png()``)."""
-        return await self._infer("segment", model, image, None, {}, timeout)
+    async def segment(self, model, image, format="png", *, timeout=_DEFAULT):
+        """Label every pixel: the classes present, and the mask (``.mask_array()``, ``.mask_png()``), which
+        travels as a PNG (``format="png"``) or as each class's run lengths (``"rle"``)."""
+        return await self._infer("segment", model, image, None, {"format": format}, timeout)
 
     # ------------------------------------------------------------ metadata and health
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     import os
@@ -162,27 +162,49 @@ class AssessmentResult(_Schema):
 class SegmentClass(_Schema):
     index: int = Field(description="Class index (the mask's pixel value).")
     label: str
-    pixels: int = Field(description="How many pixels of the input image have this class.")
+    pixels: int = Field(description="How many pixels of the mask have this class.")
     fraction: float = Field(description="pixels / (width * height).")
+    rle: list[int] | None = Field(default=None, description=(
+        "With format=rle: where this class is, as COCO's uncompressed RLE of a (height, width) mask: run "
+        "lengths in column-major order, alternately outside and inside the class, starting outside (maybe 0)."))
+
+    @field_validator("rle", mode="before")
+    @classmethod
+    def _no_runs(cls, value: Any) -> Any:
+        return value or None  # a gRPC reply carries an empty list where JSON has none
 
 
 class SegmentationResult(_Schema):
     model: str
-    width: int
+    width: int = Field(description="The mask's width: the input image's, unless the model's spec says otherwise.")
     height: int
     labels: list[str] = Field(description="Every class label, by index: the mask's pixel value v means labels[v].")
     classes: list[SegmentClass] = Field(description="The classes present in the image, most pixels first.")
-    mask_format: Literal["png"] = "png"
-    mask: str = Field(description="Base64 of an 8-bit grayscale PNG, the input image's size, "
-                                  "whose pixel values are class indices.")
+    mask_format: Literal["png", "rle"] = Field(default="png", description="How the mask travels: `mask` (png) "
+                                               "or each class's `rle` (rle); the request's format option.")
+    mask: str | None = Field(default=None, description="With format=png: base64 of an 8-bit grayscale PNG, "
+                                                       "width x height, whose pixel values are class indices.")
+
+    @field_validator("mask", mode="before")
+    @classmethod
+    def _no_mask(cls, value: Any) -> Any:
+        return value or None  # a gRPC reply carries empty bytes where JSON has none
 
     def mask_png(self) -> bytes:
-        """The mask as PNG bytes (what ``mask`` holds in base64), e.g. to save as a file; needs no Pillow."""
-        return base64.b64decode(self.mask)
+        """The mask as PNG bytes, e.g. to save as a file (``mask`` decoded; encoded from the runs for rle)."""
+        if self.mask is not None:
+            return base64.b64decode(self.mask)
+        buffer = io.BytesIO()
+        self.mask_image().save(buffer, format="PNG")
+        return buffer.getvalue()
 
     def mask_image(self) -> Image.Image:
-        """The mask decoded as a PIL image (mode ``L``, ``width`` x ``height``): pixel value = class index."""
-        picture = _decode(self.mask_png())
+        """The mask as a PIL image (mode ``L``, ``width`` x ``height``): pixel value = class index."""
+        if self.mask is None:
+            from PIL import Image
+
+            return Image.fromarray(self.mask_array(), mode="L")
+        picture = _decode(base64.b64decode(self.mask))
         if picture.size != (self.width, self.height):
             raise ValueError(f"the mask is {picture.size[0]}x{picture.size[1]}, the result says "
                              f"{self.width}x{self.height}")
@@ -192,7 +214,20 @@ class SegmentationResult(_Schema):
         """The mask as a numpy array (height, width) of uint8 class indices: ``labels[mask[y, x]]``."""
         import numpy as np
 
-        return np.asarray(self.mask_image())
+        if self.mask is not None:
+            return np.asarray(self.mask_image())
+        if self.mask_format != "rle":
+            raise ValueError("this result carries no mask")
+        flat = np.zeros(self.width * self.height, dtype=np.uint8)
+        for segment in self.classes:
+            position = 0
+            for run, length in enumerate(segment.rle or ()):
+                if run % 2:
+                    flat[position:position + length] = segment.index
+                position += length
+            if segment.rle and position != flat.size:
+                raise ValueError(f"class {segment.index}'s runs cover {position} pixels, not {flat.size}")
+        return flat.reshape((self.height, self.width), order="F")
 
 
 def _decode(data: bytes) -> Image.Image:

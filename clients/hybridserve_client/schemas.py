@@ -24,7 +24,7 @@ from hybridserve_client.results import (
     SegmentClass,
     _Schema,
 )
-from hybridserve_client.tasks import TASKS
+from hybridserve_client.tasks import FORMATS, TASKS
 
 # The task names of the task table, as a type (a spec's ``task:``; ``ModelInfo.task``).
 Task = Literal[tuple(task.name for task in TASKS)]  # type: ignore[valid-type]
@@ -58,8 +58,9 @@ class ImageRequest(_Schema):
         default=None, ge=0.0, le=1.0, description="Detection: drop detections scoring below this."
     )
     max_detections: int | None = Field(default=None, ge=1, le=1000, description="Detection: keep at most this many.")
-    format: Literal["png", "jpeg", "webp"] | None = Field(
-        default=None, description="Restoration: encoding of the output image (default png)."
+    format: Literal[FORMATS] | None = Field(  # type: ignore[valid-type]
+        default=None, description="Restoration: encoding of the output image (png, jpeg, webp; default png). "
+        "Segmentation: how the mask travels (png, or rle: each class's run lengths; default png)."
     )
 
 

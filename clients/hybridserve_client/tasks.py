@@ -64,9 +64,15 @@ TASKS: tuple[TaskInfo, ...] = (
              "Restore", "RestoreRequest", image_reply=True),
     TaskInfo("iqa", "assess", "score image quality", AssessmentResult, (), "Assess", "AssessRequest",
              reference=True),
-    TaskInfo("segmentation", "segment", "label every pixel", SegmentationResult, (), "Segment", "SegmentRequest"),
+    TaskInfo("segmentation", "segment", "label every pixel", SegmentationResult,
+             (TaskOption("format", str, "how the mask travels: a PNG label image, or each class's run lengths",
+                         ("png", "rle"), "png"),),
+             "Segment", "SegmentRequest"),
 )
 BY_VERB: dict[str, TaskInfo] = {task.verb: task for task in TASKS}
+# Every value of the ``format`` option, over the tasks that take one (each task accepts its own).
+FORMATS: tuple[str, ...] = tuple(dict.fromkeys(
+    choice for task in TASKS for option in task.options if option.name == "format" for choice in option.choices or ()))
 
 
 def task_of(verb: str) -> TaskInfo:

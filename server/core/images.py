@@ -28,6 +28,12 @@ class ImageLimits:
     max_pixels: int = 40_000_000
     max_side: int = 16_384
 
+    def check(self, width: int, height: int, field: str = "image") -> None:
+        """Raise ``PayloadTooLarge`` for an image of ``width`` x ``height`` beyond the limits."""
+        if width * height > self.max_pixels or max(width, height) > self.max_side:
+            raise PayloadTooLarge(f"{field}: {width}x{height} pixels exceeds the limit of {self.max_pixels} pixels "
+                                  f"(at most {self.max_side} per side)")
+
 
 def decode_image(data: bytes, color: str = "rgb", limits: ImageLimits | None = None, field: str = "image") -> np.ndarray:
     """Decode ``data`` to a uint8 array (H, W, 3) for rgb or (H, W, 1) for gray."""
@@ -43,12 +49,7 @@ def decode_image(data: bytes, color: str = "rgb", limits: ImageLimits | None = N
                 raise UnsupportedMediaType(
                     f"{field}: format {fmt or 'unknown'} is not supported; send JPEG, PNG, WebP, BMP, TIFF or GIF"
                 )
-            width, height = image.size
-            if width * height > limits.max_pixels or max(width, height) > limits.max_side:
-                raise PayloadTooLarge(
-                    f"{field}: {width}x{height} pixels exceeds the limit of {limits.max_pixels} pixels "
-                    f"(at most {limits.max_side} per side)"
-                )
+            limits.check(*image.size, field)
             image.load()
             image = ImageOps.exif_transpose(image)
             return _to_array(image, color)

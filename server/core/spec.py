@@ -28,7 +28,8 @@ class Preprocessing(_Frozen):
     resize: Literal["stretch", "letterbox", "center_crop", "none"] = "stretch"
     color: Literal["rgb", "gray"] = "rgb"
     normalize: bool = Field(default=True, description="Apply mean/std (restoration models take [0, 1]).")
-    tile: Annotated[int, Field(ge=16, le=2048)] = Field(default=128, description="Restoration tile size (input pixels).")
+    tile: Annotated[int, Field(ge=16, le=2048)] = Field(
+        default=128, description="Tile size (input pixels) of models that run in tiles: restoration, tiled segmentation.")
     tile_overlap: Annotated[int, Field(ge=0, le=512)] = 16
 
     @model_validator(mode="after")
@@ -144,6 +145,19 @@ class IQA(_Frozen):
     higher_is_better: bool = True
 
 
+class Segmentation(_Frozen):
+    output_size: Literal["input", "model"] = Field(
+        default="input", description="input: the mask is the sent image's size (logits upsampled to it); model: "
+        "the size the model saw (the image resized to preprocessing.input_size, its letterbox padding cut off).")
+    tiled: bool = Field(
+        default=False, description="Run images at their own size in overlapping preprocessing.tile windows "
+        "(tile_overlap apart, logits blended), instead of resizing them to preprocessing.input_size (leave it unset).")
+
+
+# Task-specific sections of a spec: each is allowed only on its task, and filled with its defaults there.
+SECTIONS: dict[str, type[_Frozen]] = {"restoration": Restoration, "iqa": IQA, "segmentation": Segmentation}
+
+
 class ModelSpec(_Frozen):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
     task: Task
@@ -161,20 +175,18 @@ class ModelSpec(_Frozen):
     compile: Compile = Compile()
     restoration: Restoration | None = None
     iqa: IQA | None = None
+    segmentation: Segmentation | None = None
     base_dir: Path | None = Field(default=None, exclude=True, description="Folder of the spec file (set by the loader).")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
         if self.weights and self.weights.startswith("https://") and not self.weights_sha256:
             raise ValueError("weights from an https URL need weights_sha256")
-        if self.task == "iqa" and self.iqa is None:
-            return self.model_copy(update={"iqa": IQA()})
-        if self.task == "restoration" and self.restoration is None:
-            return self.model_copy(update={"restoration": Restoration()})
-        if self.restoration is not None and self.task != "restoration":
-            raise ValueError("the restoration section is only for task: restoration")
-        if self.iqa is not None and self.task != "iqa":
-            raise ValueError("the iqa section is only for task: iqa")
+        for section in SECTIONS:
+            if getattr(self, section) is not None and self.task != section:
+                raise ValueError(f"the {section} section is only for task: {section}")
+        if self.task in SECTIONS and getattr(self, self.task) is None:
+            return self.model_copy(update={self.task: SECTIONS[self.task]()})
         return self
 
     @property

@@ -14,14 +14,15 @@ from typing import Protocol
 
 from hybridserve_client.schemas import BatchingInfo, Health, InputContract, ModelInfo, ModelList
 from hybridserve.server.core.errors import DeadlineExceeded, ModelNotFound, WrongTask
-from hybridserve.server.tasks import InferenceRequest
+from hybridserve.server.tasks import TASKS, InferenceRequest
 from hybridserve.server.engine.runtime import InferenceOutcome, ModelState
 from hybridserve.server.core.spec import ModelSpec
 
 
 def describe(spec: ModelSpec, state: ModelState, batching: BatchingInfo | None = None) -> ModelInfo:
     pre = spec.preprocessing
-    restoring = spec.restoration is not None  # tiles, at a scale
+    task = TASKS[spec.task]
+    tiles = task.tiles(spec)
     return ModelInfo(
         name=spec.name,
         task=spec.task,
@@ -31,11 +32,11 @@ def describe(spec: ModelSpec, state: ModelState, batching: BatchingInfo | None =
         reason=state.reason,
         input=InputContract(
             input_size=pre.input_size,
-            resize=pre.resize if not restoring else "tiles",
+            resize="tiles" if tiles else pre.resize,
             color=pre.color,
-            scale=spec.architecture_args.get("scale") if restoring else None,
-            tile=pre.tile if restoring else None,
-            tile_overlap=pre.tile_overlap if restoring else None,
+            scale=task.output_scale(spec),
+            tile=pre.tile if tiles else None,
+            tile_overlap=pre.tile_overlap if tiles else None,
             needs_reference=spec.needs_reference,
         ),
         batching=batching or BatchingInfo(
@@ -91,6 +92,7 @@ class DataPlane:
             raise WrongTask(
                 f"model {name!r} does {endpoint.spec.task}: use POST /v1/models/{name}/{endpoint.spec.verb}, not /{verb}"
             )
+        TASKS[endpoint.spec.task].check_options(request.options)
         # The deadline is set here, once, as an absolute time: it bounds the wait and rides on the items.
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:

@@ -1,7 +1,7 @@
 """Structured logs: a request id on every line about a request, one INFO line per request, JSON optional.
 
 The request id comes from ``X-Request-ID`` (or a W3C ``traceparent``'s trace id) or is generated;
-under Ray Serve the proxy has already settled it and carries it to every replica in Serve's request
+HTTP's ``RequestIdMiddleware`` (``transports/http_base.py``) settles it in-process; under Ray Serve the proxy has already settled it and carries it to every replica in Serve's request
 context, which ``current_request_id`` falls back to. ``configure_logging`` installs one handler on
 the ``hybridserve`` logger: text (default) or JSON lines (``--log-format json`` or
 ``HYBRIDSERVE_LOG_FORMAT=json``). Request lines carry names, statuses and timings, never image data.
@@ -17,8 +17,6 @@ import uuid
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any
-
-from starlette.datastructures import MutableHeaders
 
 LOG_FORMAT_ENV = "HYBRIDSERVE_LOG_FORMAT"
 LOG_FORMATS = ("text", "json")
@@ -55,38 +53,6 @@ def request_id_from(x_request_id: str | None, traceparent: str | None) -> str | 
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
-
-
-class RequestIdMiddleware:
-    """In-process counterpart of Ray Serve's proxy: settle the request id, hand it on, and return it.
-
-    The id goes into the request's ``x-request-id`` header (so handlers read one value), tags every
-    log line of the request, and leaves in the response's ``X-Request-ID``.
-    """
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = MutableHeaders(scope=scope)
-        request_id = request_id_from(headers.get("x-request-id"), headers.get("traceparent")) or new_request_id()
-        headers["x-request-id"] = request_id
-
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                answer = MutableHeaders(scope=message)
-                if "x-request-id" not in answer:
-                    answer.append("X-Request-ID", request_id)
-            await send(message)
-
-        token = bind_request_id(request_id)
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            release_request_id(token)
 
 
 def grpc_request_id(context: Any) -> str:

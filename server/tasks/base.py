@@ -103,8 +103,9 @@ class TaskHandler(ABC):
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (1, 3, 4):
             raise InvalidInput(f"{field_name}: expected a uint8 array [H, W, 3], got {array.dtype} {list(array.shape)}")
         h, w = array.shape[:2]
-        if h == 0 or w == 0 or h * w > self.limits.max_pixels:
-            raise InvalidInput(f"{field_name}: {w}x{h} pixels is outside 1..{self.limits.max_pixels} pixels")
+        if h == 0 or w == 0:
+            raise InvalidInput(f"{field_name}: an image of {w}x{h} pixels has no pixels")
+        self.limits.check(w, h, field_name)
         array = array[:, :, :3]
         if self.spec.preprocessing.color == "gray" and array.shape[2] == 3:
             luma = array.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -187,6 +188,7 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    encoded: bool = False  # BYTES elements are binary files (images): base64 strings in JSON
 
 
 @dataclass(frozen=True)
@@ -210,14 +212,29 @@ class Task:
     handler: ClassVar[type[TaskHandler]]
     result: ClassVar[type[BaseModel]]  # the typed result (a client schema); also names the proto message
     options: ClassVar[tuple[str, ...]] = ()  # the ``Options`` fields the task reads
+    formats: ClassVar[tuple[str, ...]] = ()  # the values its ``format`` option takes, the default first
     tiled: ClassVar[bool] = False  # serves any image size in tiles (no fixed input size)
     binary_types: ClassVar[tuple[str, ...]] = ()  # media types ``binary`` can answer with over HTTP
     binary_by_default: ClassVar[bool] = False  # bytes unless JSON is asked for; else bytes only when asked
 
     def check(self, spec: ModelSpec) -> None:
         """Raise ``ValueError`` where ``spec`` does not fit the task."""
-        if not self.tiled and spec.preprocessing.input_size is None:
+        if not self.tiles(spec) and spec.preprocessing.input_size is None:
             raise ValueError(f"a {self.name} model needs preprocessing.input_size")
+
+    def check_options(self, options: Options) -> None:
+        """Raise ``InvalidInput`` where a request's options do not fit the task (the data plane asks)."""
+        if options.format is not None and options.format not in self.formats:
+            accepted = f"one of {', '.join(self.formats)}" if self.formats else "no format option"
+            raise InvalidInput(f"format {options.format!r}: {self.name} takes {accepted}")
+
+    def tiles(self, spec: ModelSpec) -> bool:
+        """Whether ``spec``'s model runs images of any size in overlapping tiles (``preprocessing.tile``)."""
+        return self.tiled
+
+    def output_scale(self, spec: ModelSpec) -> int | None:
+        """Output size / input size, for tasks whose output is an image of its own size (metadata)."""
+        return None
 
     def typed(self, spec: ModelSpec, output: Any, options: Options) -> BaseModel:
         """The typed result (JSON over HTTP, the proto mirror over gRPC)."""

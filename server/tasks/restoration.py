@@ -1,10 +1,9 @@
 """Restoration (super-resolution, denoising): overlapping tiles, batched, blended without seams.
 
-An image is cut into ``tile`` x ``tile`` tiles that overlap by ``tile_overlap`` pixels; every
-tile is a batch item, so tiles of different requests share batches. Outputs are blended with
-weights that ramp linearly across each overlap, which removes seams; an image no larger than
-one tile runs whole. Inputs are reflect-padded to the model's ``pad_multiple`` and the padding
-is cropped from the output.
+An image is cut into ``tile`` x ``tile`` tiles that overlap by ``tile_overlap`` pixels
+(``tiles.Tiling``); every tile is a batch item, so tiles of different requests share batches,
+and the outputs are blended across each overlap. An image no larger than one tile runs whole.
+Inputs are reflect-padded to the model's ``pad_multiple`` and the padding is cropped from the output.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from hybridserve.server.core.spec import ModelSpec
 from hybridserve.server.tasks.base import (
     Binary, Options, Output, Prepared, Task, TaskHandler, TensorSpec, object_array,
 )
+from hybridserve.server.tasks.tiles import Tiling
 
 
 @dataclass(frozen=True)
@@ -44,46 +44,14 @@ class Pixels:
         return fmt, encode_image(self.array, fmt)
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles covering ``length``; every tile is full size when length >= tile."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
-
-
-def ramp(length: int, before: int, after: int) -> torch.Tensor:
-    """1-D blending weights: rise over ``before`` pixels, fall over ``after``, 1 in between."""
-    position = torch.arange(length, dtype=torch.float32) + 0.5
-    weight = torch.ones(length)
-    if before:
-        weight = torch.minimum(weight, position / before)
-    if after:
-        weight = torch.minimum(weight, (length - position) / after)
-    return weight.clamp_(min=1e-3)
-
-
 class RestorationHandler(TaskHandler):
     task = "restoration"
 
     def prepare(self, image: np.ndarray, reference: np.ndarray | None, options: Options) -> Prepared:
         pre = self.spec.preprocessing
         tensor = self.to_tensor(image, normalize=False)
-        height, width = tensor.shape[1:]
-        ys, xs = tile_starts(height, pre.tile, pre.tile_overlap), tile_starts(width, pre.tile, pre.tile_overlap)
-        items, boxes = [], []
-        for y in ys:
-            for x in xs:
-                h, w = min(pre.tile, height), min(pre.tile, width)
-                items.append(self._pad(tensor[:, y:y + h, x:x + w]))
-                boxes.append((y, x, h, w))
-        return Prepared(
-            items=items,
-            context={"boxes": boxes, "height": height, "width": width, "overlap": pre.tile_overlap,
-                     "ys": ys, "xs": xs},
-        )
+        tiling = Tiling.of(*tensor.shape[1:], pre.tile, pre.tile_overlap)
+        return Prepared(items=[self._pad(tile) for tile in tiling.cut(tensor)], context={"tiling": tiling})
 
     def _pad(self, tile: torch.Tensor) -> torch.Tensor:
         multiple = self.loaded.pad_multiple
@@ -96,27 +64,7 @@ class RestorationHandler(TaskHandler):
         return F.pad(tile, (0, pad_w - reflect_w, 0, pad_h - reflect_h), mode="replicate")[0]
 
     def postprocess(self, prepared: Prepared, outputs: list[Output]) -> Pixels:
-        ctx = prepared.context
-        scale = self.loaded.scale
-        channels = outputs[0].shape[0]
-        height, width = ctx["height"] * scale, ctx["width"] * scale
-        if len(outputs) == 1:
-            merged = outputs[0][:, :height, :width]
-        else:
-            merged = torch.zeros(channels, height, width)
-            total = torch.zeros(1, height, width)
-            overlap = ctx["overlap"] * scale
-            first_y, last_y, first_x, last_x = ctx["ys"][0], ctx["ys"][-1], ctx["xs"][0], ctx["xs"][-1]
-            for (y, x, h, w), out in zip(ctx["boxes"], outputs):
-                h, w = h * scale, w * scale
-                # Ramp only on sides that touch another tile; the image border keeps full weight.
-                wy = ramp(h, overlap if y != first_y else 0, overlap if y != last_y else 0)
-                wx = ramp(w, overlap if x != first_x else 0, overlap if x != last_x else 0)
-                weight = wy[:, None] * wx[None, :]
-                y, x = y * scale, x * scale
-                merged[:, y:y + h, x:x + w] += out[:, :h, :w] * weight
-                total[:, y:y + h, x:x + w] += weight
-            merged = merged / total
+        merged = prepared.context["tiling"].blend(outputs, self.loaded.scale)
         return Pixels(merged.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
 
 
@@ -128,11 +76,15 @@ class RestorationTask(Task):
     binary_types = ("image/png", "image/jpeg", "image/webp")
     binary_by_default = True
     options = ("format",)
+    formats = ("png", "jpeg", "webp")
     tiled = True
 
     def check(self, spec: ModelSpec) -> None:
         if spec.restoration is None:
             raise ValueError("a restoration model needs a restoration section")
+
+    def output_scale(self, spec: ModelSpec) -> int | None:
+        return spec.architecture_args.get("scale")
 
     def typed(self, spec: ModelSpec, output: Pixels, options: Options) -> RestorationResult:
         fmt, data = output.encoded(options)
@@ -151,7 +103,7 @@ class RestorationTask(Task):
     def oip_outputs(self, spec: ModelSpec) -> tuple[TensorSpec, ...]:
         channels = 1 if spec.preprocessing.color == "gray" else 3
         return (TensorSpec("restored_image", "UINT8", (-1, -1, -1, channels)),
-                TensorSpec("restored_encoded", "BYTES", (-1,)))
+                TensorSpec("restored_encoded", "BYTES", (-1,), encoded=True))
 
     def oip_tensors(self, spec: ModelSpec, outputs: list[Pixels], wanted: list[str],
                     options: Options) -> dict[str, tuple[str, np.ndarray]]:

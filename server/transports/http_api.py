@@ -1,6 +1,6 @@
 """The typed HTTP API (FastAPI): a thin adapter from HTTP to the data plane.
 
-Routes: ``POST /v1/models/{name}/{classify|detect|restore|assess}`` (raw image body, multipart
+Routes: ``POST /v1/models/{name}/{verb}``, one per task of the registry (raw image body, multipart
 field ``image`` [+ ``reference``], or JSON with base64), ``GET /v1/models[/{name}]``,
 ``GET /healthz`` and ``GET /readyz``. Every error leaves as ``{"error": {"code", "message"}}``
 with the status from the error table. A request whose client disconnects before its answer is
@@ -28,16 +28,19 @@ from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.core.errors import HybridServeError, InvalidInput, UnsupportedMediaType, as_hybridserve_error
 from hybridserve.server.core.settings import Settings
 from hybridserve.server.tasks import TASKS, InferenceRequest, Options, Task
-from hybridserve.server.observability.logs import RequestIdMiddleware
 from hybridserve.server.transports.auth import AuthMiddleware, AuthPolicy
 from hybridserve.server.transports.http_base import (
-    CancelOnDisconnect, error_response, read_body, request_id_of, request_timeout,
+    CancelOnDisconnect, RequestIdMiddleware, error_response, read_body, request_id_of, request_timeout,
 )
 from hybridserve.server.transports.oip_http import oip_router
 
 log = logging.getLogger("hybridserve.http")
 
 ERROR_RESPONSES: dict = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
+# Every value of the ``format`` option over the tasks; each task checks its own (``Task.check_options``).
+FORMATS = tuple(dict.fromkeys(fmt for task in TASKS.values() for fmt in task.formats))
+FORMATS_DOC = "Output encoding, by task (default first): " + "; ".join(
+    f"{task.name}: {', '.join(task.formats)}" for task in TASKS.values() if task.formats) + "."
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "image/gif", "application/octet-stream")
 
 
@@ -245,7 +248,7 @@ def query_options(
     top_k: int | None = Query(None, ge=1, le=1000, description="Classification: how many classes (default 5)."),
     score_threshold: float | None = Query(None, ge=0.0, le=1.0, description="Detection: minimum score (default 0.3)."),
     max_detections: int | None = Query(None, ge=1, le=1000, description="Detection: at most this many (default 100)."),
-    format: str | None = Query(None, pattern="^(png|jpeg|webp)$", description="Restoration: output encoding."),
+    format: str | None = Query(None, pattern=f"^({'|'.join(FORMATS)})$", description=FORMATS_DOC),
 ) -> Options:
     return Options(top_k, score_threshold, max_detections, format)
 

@@ -1,5 +1,6 @@
 """What every HTTP route shares: error bodies from the error table, request ids, bounded body reads,
-deadlines, and cancellation of a request whose client disconnects.
+deadlines, and the two ASGI middlewares of the in-process server (the request id; cancellation of a
+request whose client disconnects).
 
 The typed API (``http_api``), the Open Inference Protocol routes (``oip_http``) and the auth
 middleware all answer errors through ``error_response``: one body, ``{"error": {"code",
@@ -14,11 +15,14 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
 
 from hybridserve.server.core.errors import ERROR_TABLE, HybridServeError, InvalidInput, PayloadTooLarge
 from hybridserve.server.core.settings import Settings
 from hybridserve.server.observability import metrics
-from hybridserve.server.observability.logs import new_request_id, request_id_from
+from hybridserve.server.observability.logs import (
+    bind_request_id, new_request_id, release_request_id, request_id_from,
+)
 
 log = logging.getLogger("hybridserve.http")
 
@@ -64,14 +68,8 @@ def request_timeout(request: Request, settings: Settings) -> float:
     return value
 
 
-class CancelOnDisconnect:
-    """ASGI middleware: cancel a request's task when its client disconnects before the answer starts.
-
-    uvicorn never cancels an app on its own. Once the app has read the whole body, a watcher waits
-    on ``receive()``, which the server then answers only with ``http.disconnect`` (client gone, or
-    the response complete). A cancelled request leaves no answer, a 499 in the request log and
-    metrics, and no error; its queued items are dropped before compute (``ModelRuntime.infer``).
-    """
+class HTTPMiddleware:
+    """An ASGI middleware that acts on HTTP requests (``handle``) and passes anything else through."""
 
     def __init__(self, app: Any):
         self.app = app
@@ -80,6 +78,48 @@ class CancelOnDisconnect:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
+        raise NotImplementedError
+
+
+class RequestIdMiddleware(HTTPMiddleware):
+    """In-process counterpart of Ray Serve's proxy: settle the request id, hand it on, and return it.
+
+    The id goes into the request's ``x-request-id`` header (so handlers read one value), tags every
+    log line of the request, and leaves in the response's ``X-Request-ID``.
+    """
+
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
+        headers = MutableHeaders(scope=scope)
+        request_id = request_id_from(headers.get("x-request-id"), headers.get("traceparent")) or new_request_id()
+        headers["x-request-id"] = request_id
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answer = MutableHeaders(scope=message)
+                if "x-request-id" not in answer:
+                    answer.append("X-Request-ID", request_id)
+            await send(message)
+
+        token = bind_request_id(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            release_request_id(token)
+
+
+class CancelOnDisconnect(HTTPMiddleware):
+    """ASGI middleware: cancel a request's task when its client disconnects before the answer starts.
+
+    uvicorn never cancels an app on its own. Once the app has read the whole body, a watcher waits
+    on ``receive()``, which the server then answers only with ``http.disconnect`` (client gone, or
+    the response complete). A cancelled request leaves no answer, a 499 in the request log and
+    metrics, and no error; its queued items are dropped before compute (``ModelRuntime.infer``).
+    """
+
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         task = asyncio.current_task()
         watcher: asyncio.Task | None = None
         responding = client_gone = False

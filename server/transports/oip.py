@@ -59,8 +59,6 @@ NUMERIC_DTYPES: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
 }
 DATATYPES = (*NUMERIC_DTYPES, "BYTES")
-# BYTES tensors whose elements are binary files, hence base64 strings in JSON.
-ENCODED_IMAGE_TENSORS = frozenset({"image", "reference", "restored_encoded", "mask_encoded"})
 
 
 @dataclass(frozen=True)
@@ -80,6 +78,7 @@ class Tensor:
     datatype: str
     shape: list[int]
     data: np.ndarray
+    encoded: bool = False  # BYTES elements that are binary files (images): base64 strings in JSON
 
 
 @dataclass
@@ -104,7 +103,7 @@ class InferAnswer:
 
 
 def _image_inputs(prefix: str) -> tuple[TensorSpec, ...]:
-    return TensorSpec(prefix, "BYTES", (-1,)), TensorSpec(f"{prefix}_pixels", "UINT8", (-1, -1, -1, 3))
+    return TensorSpec(prefix, "BYTES", (-1,), encoded=True), TensorSpec(f"{prefix}_pixels", "UINT8", (-1, -1, -1, 3))
 
 
 def model_metadata(spec: ModelSpec) -> ModelMetadata:
@@ -178,7 +177,7 @@ def tensor_to_json(tensor: Tensor) -> list:
     """Flat row-major values for JSON: BYTES as text, or base64 for encoded images."""
     if tensor.datatype != "BYTES":
         return tensor.data.reshape(-1).tolist()
-    if tensor.name in ENCODED_IMAGE_TENSORS:
+    if tensor.encoded:
         return [base64.b64encode(e).decode("ascii") for e in tensor.data.reshape(-1)]
     return [e.decode("utf-8", errors="replace") for e in tensor.data.reshape(-1)]
 
@@ -255,7 +254,9 @@ async def infer(plane: DataPlane, call: InferCall, default_timeout_s: float) -> 
     ))
     metrics.note_outcomes(outcomes)
     built = TASKS[spec.task].oip_tensors(spec, [outcome.result for outcome in outcomes], wanted, options)
-    tensors = [Tensor(name, built[name][0], list(built[name][1].shape), built[name][1]) for name in wanted]
+    encoded = {output.name for output in metadata.outputs if output.encoded}
+    tensors = [Tensor(name, built[name][0], list(built[name][1].shape), built[name][1], name in encoded)
+               for name in wanted]
     return InferAnswer(spec.name, MODEL_VERSION, call.id, tensors)
 
 

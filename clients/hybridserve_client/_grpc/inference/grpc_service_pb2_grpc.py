@@ -5,7 +5,7 @@ import warnings
 
 from hybridserve_client._grpc.hybridserve.oip.v2 import open_inference_pb2 as hybridserve_dot_oip_dot_v2_dot_open__inference__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n hybridserve/v1/hybridserve.proto\x12\x0ehybridserve.v1\"M\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_top_k\"\x8f\x01\n\rDetectRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x1c\n\x0fscore_threshold\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x12\n\x10_score_thresholdB\x11\n\x0f_max_detections\"N\n\x0eRestoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x13\n\x06\x66ormat\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_format\"S\n\rAssessRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x16\n\treference\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x42\x0c\n\n_reference\".\n\x0eSegmentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x0f\x43lassPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\r\n\x05score\x18\x03 \x01(\x01\"[\n\x14\x43lassificationResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\x34\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1f.hybridserve.v1.ClassPrediction\"E\n\tDetection\x12\x0b\n\x03\x62ox\x18\x01 \x03(\x01\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x03\x12\r\n\x05score\x18\x04 \x01(\x01\"n\n\x0f\x44\x65tectionResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12-\n\ndetections\x18\x04 \x03(\x0b\x32\x19.hybridserve.v1.Detection\"`\n\x11RestorationResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\r\n\x05image\x18\x05 \x01(\x0c\"g\n\x10\x41ssessmentResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05range\x18\x04 \x03(\x01\x12\x18\n\x10higher_is_better\x18\x05 \x01(\x08\"N\n\x0cSegmentClass\x12\r\n\x05index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06pixels\x18\x03 \x01(\x03\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\"\x8f\x01\n\x12SegmentationResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12-\n\x07\x63lasses\x18\x05 \x03(\x0b\x32\x1c.hybridserve.v1.SegmentClass\x12\x0c\n\x04mask\x18\x06 \x01(\x0c\"\xc1\x01\n\rInputContract\x12\x12\n\ninput_size\x18\x01 \x03(\x05\x12\x0e\n\x06resize\x18\x02 \x01(\t\x12\r\n\x05\x63olor\x18\x03 \x01(\t\x12\x12\n\x05scale\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04tile\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x0ctile_overlap\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\x0fneeds_reference\x18\x07 \x01(\x08\x42\x08\n\x06_scaleB\x07\n\x05_tileB\x0f\n\r_tile_overlap\"k\n\x0c\x42\x61tchingInfo\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\x01\x12\x1b\n\x0elatency_slo_ms\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_latency_slo_ms\"\xe0\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04verb\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x06reason\x18\x06 \x01(\tH\x00\x88\x01\x01\x12,\n\x05input\x18\x07 \x01(\x0b\x32\x1d.hybridserve.v1.InputContract\x12.\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x1c.hybridserve.v1.BatchingInfo\x12\x0e\n\x06labels\x18\t \x01(\x05\x12\x14\n\x07\x62\x61\x63kend\x18\n \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x19\n\x0cload_seconds\x18\x0c \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\r \x01(\tH\x03\x88\x01\x01\x12\x16\n\tprecision\x18\x0e \x01(\tH\x04\x88\x01\x01\x12\x1d\n\x10precision_reason\x18\x0f \x01(\tH\x05\x88\x01\x01\x12\x13\n\x0b\x66p32_layers\x18\x10 \x03(\tB\t\n\x07_reasonB\n\n\x08_backendB\x0f\n\r_load_secondsB\x0e\n\x0c_descriptionB\x0c\n\n_precisionB\x13\n\x11_precision_reason\"6\n\tModelList\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.hybridserve.v1.ModelInfo2\xa6\x04\n\x0bHybridServe\x12Q\n\x08\x43lassify\x12\x1f.hybridserve.v1.ClassifyRequest\x1a$.hybridserve.v1.ClassificationResult\x12H\n\x06\x44\x65tect\x12\x1d.hybridserve.v1.DetectRequest\x1a\x1f.hybridserve.v1.DetectionResult\x12L\n\x07Restore\x12\x1e.hybridserve.v1.RestoreRequest\x1a!.hybridserve.v1.RestorationResult\x12I\n\x06\x41ssess\x12\x1d.hybridserve.v1.AssessRequest\x1a .hybridserve.v1.AssessmentResult\x12M\n\x07Segment\x12\x1e.hybridserve.v1.SegmentRequest\x1a\".hybridserve.v1.SegmentationResult\x12J\n\nListModels\x12!.hybridserve.v1.ListModelsRequest\x1a\x19.hybridserve.v1.ModelList\x12\x46\n\x08GetModel\x12\x1f.hybridserve.v1.GetModelRequest\x1a\x19.hybridserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n hybridserve/v1/hybridserve.proto\x12\x0ehybridserve.v1\"M\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_top_k\"\x8f\x01\n\rDetectRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x1c\n\x0fscore_threshold\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x12\n\x10_score_thresholdB\x11\n\x0f_max_detections\"N\n\x0eRestoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x13\n\x06\x66ormat\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_format\"S\n\rAssessRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x16\n\treference\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x42\x0c\n\n_reference\"N\n\x0eSegmentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x13\n\x06\x66ormat\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_format\"\x13\n\x11ListModelsRequest\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x0f\x43lassPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\r\n\x05score\x18\x03 \x01(\x01\"[\n\x14\x43lassificationResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\x34\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1f.hybridserve.v1.ClassPrediction\"E\n\tDetection\x12\x0b\n\x03\x62ox\x18\x01 \x03(\x01\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x03\x12\r\n\x05score\x18\x04 \x01(\x01\"n\n\x0f\x44\x65tectionResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12-\n\ndetections\x18\x04 \x03(\x0b\x32\x19.hybridserve.v1.Detection\"`\n\x11RestorationResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\r\n\x05image\x18\x05 \x01(\x0c\"g\n\x10\x41ssessmentResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05range\x18\x04 \x03(\x01\x12\x18\n\x10higher_is_better\x18\x05 \x01(\x08\"[\n\x0cSegmentClass\x12\r\n\x05index\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06pixels\x18\x03 \x01(\x03\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\x12\x0b\n\x03rle\x18\x05 \x03(\x03\"\xa4\x01\n\x12SegmentationResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12-\n\x07\x63lasses\x18\x05 \x03(\x0b\x32\x1c.hybridserve.v1.SegmentClass\x12\x0c\n\x04mask\x18\x06 \x01(\x0c\x12\x13\n\x0bmask_format\x18\x07 \x01(\t\"\xc1\x01\n\rInputContract\x12\x12\n\ninput_size\x18\x01 \x03(\x05\x12\x0e\n\x06resize\x18\x02 \x01(\t\x12\r\n\x05\x63olor\x18\x03 \x01(\t\x12\x12\n\x05scale\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04tile\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x0ctile_overlap\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\x0fneeds_reference\x18\x07 \x01(\x08\x42\x08\n\x06_scaleB\x07\n\x05_tileB\x0f\n\r_tile_overlap\"k\n\x0c\x42\x61tchingInfo\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\x01\x12\x1b\n\x0elatency_slo_ms\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_latency_slo_ms\"\xe0\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04verb\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x06reason\x18\x06 \x01(\tH\x00\x88\x01\x01\x12,\n\x05input\x18\x07 \x01(\x0b\x32\x1d.hybridserve.v1.InputContract\x12.\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x1c.hybridserve.v1.BatchingInfo\x12\x0e\n\x06labels\x18\t \x01(\x05\x12\x14\n\x07\x62\x61\x63kend\x18\n \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x19\n\x0cload_seconds\x18\x0c \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\r \x01(\tH\x03\x88\x01\x01\x12\x16\n\tprecision\x18\x0e \x01(\tH\x04\x88\x01\x01\x12\x1d\n\x10precision_reason\x18\x0f \x01(\tH\x05\x88\x01\x01\x12\x13\n\x0b\x66p32_layers\x18\x10 \x03(\tB\t\n\x07_reasonB\n\n\x08_backendB\x0f\n\r_load_secondsB\x0e\n\x0c_descriptionB\x0c\n\n_precisionB\x13\n\x11_precision_reason\"6\n\tModelList\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.hybridserve.v1.ModelInfo2\xa6\x04\n\x0bHybridServe\x12Q\n\x08\x43lassify\x12\x1f.hybridserve.v1.ClassifyRequest\x1a$.hybridserve.v1.ClassificationResult\x12H\n\x06\x44\x65tect\x12\x1d.hybridserve.v1.DetectRequest\x1a\x1f.hybridserve.v1.DetectionResult\x12L\n\x07Restore\x12\x1e.hybridserve.v1.RestoreRequest\x1a!.hybridserve.v1.RestorationResult\x12I\n\x06\x41ssess\x12\x1d.hybridserve.v1.AssessRequest\x1a .hybridserve.v1.AssessmentResult\x12M\n\x07Segment\x12\x1e.hybridserve.v1.SegmentRequest\x1a\".hybridserve.v1.SegmentationResult\x12J\n\nListModels\x12!.hybridserve.v1.ListModelsRequest\x1a\x19.hybridserve.v1.ModelList\x12\x46\n\x08GetModel\x12\x1f.hybridserve.v1.GetModelRequest\x1a\x19.hybridserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,35 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSESSREQUEST']._serialized_start=357
   _globals['_ASSESSREQUEST']._serialized_end=440
   _globals['_SEGMENTREQUEST']._serialized_start=442
-  _globals['_SEGMENTREQUEST']._serialized_end=488
-  _globals['_LISTMODELSREQUEST']._serialized_start=490
-  _globals['_LISTMODELSREQUEST']._serialized_end=509
-  _globals['_GETMODELREQUEST']._serialized_start=511
-  _globals['_GETMODELREQUEST']._serialized_end=542
-  _globals['_CLASSPREDICTION']._serialized_start=544
-  _globals['_CLASSPREDICTION']._serialized_end=606
-  _globals['_CLASSIFICATIONRESULT']._serialized_start=608
-  _globals['_CLASSIFICATIONRESULT']._serialized_end=699
-  _globals['_DETECTION']._serialized_start=701
-  _globals['_DETECTION']._serialized_end=770
-  _globals['_DETECTIONRESULT']._serialized_start=772
-  _globals['_DETECTIONRESULT']._serialized_end=882
-  _globals['_RESTORATIONRESULT']._serialized_start=884
-  _globals['_RESTORATIONRESULT']._serialized_end=980
-  _globals['_ASSESSMENTRESULT']._serialized_start=982
-  _globals['_ASSESSMENTRESULT']._serialized_end=1085
-  _globals['_SEGMENTCLASS']._serialized_start=1087
-  _globals['_SEGMENTCLASS']._serialized_end=1165
-  _globals['_SEGMENTATIONRESULT']._serialized_start=1168
-  _globals['_SEGMENTATIONRESULT']._serialized_end=1311
-  _globals['_INPUTCONTRACT']._serialized_start=1314
-  _globals['_INPUTCONTRACT']._serialized_end=1507
-  _globals['_BATCHINGINFO']._serialized_start=1509
-  _globals['_BATCHINGINFO']._serialized_end=1616
-  _globals['_MODELINFO']._serialized_start=1619
-  _globals['_MODELINFO']._serialized_end=2099
-  _globals['_MODELLIST']._serialized_start=2101
-  _globals['_MODELLIST']._serialized_end=2155
-  _globals['_HYBRIDSERVE']._serialized_start=2158
-  _globals['_HYBRIDSERVE']._serialized_end=2708
+  _globals['_SEGMENTREQUEST']._serialized_end=520
+  _globals['_LISTMODELSREQUEST']._serialized_start=522
+  _globals['_LISTMODELSREQUEST']._serialized_end=541
+  _globals['_GETMODELREQUEST']._serialized_start=543
+  _globals['_GETMODELREQUEST']._serialized_end=574
+  _globals['_CLASSPREDICTION']._serialized_start=576
+  _globals['_CLASSPREDICTION']._serialized_end=638
+  _globals['_CLASSIFICATIONRESULT']._serialized_start=640
+  _globals['_CLASSIFICATIONRESULT']._serialized_end=731
+  _globals['_DETECTION']._serialized_start=733
+  _globals['_DETECTION']._serialized_end=802
+  _globals['_DETECTIONRESULT']._serialized_start=804
+  _globals['_DETECTIONRESULT']._serialized_end=914
+  _globals['_RESTORATIONRESULT']._serialized_start=916
+  _globals['_RESTORATIONRESULT']._serialized_end=1012
+  _globals['_ASSESSMENTRESULT']._serialized_start=1014
+  _globals['_ASSESSMENTRESULT']._serialized_end=1117
+  _globals['_SEGMENTCLASS']._serialized_start=1119
+  _globals['_SEGMENTCLASS']._serialized_end=1210
+  _globals['_SEGMENTATIONRESULT']._serialized_start=1213
+  _globals['_SEGMENTATIONRESULT']._serialized_end=1377
+  _globals['_INPUTCONTRACT']._serialized_start=1380
+  _globals['_INPUTCONTRACT']._serialized_end=1573
+  _globals['_BATCHINGINFO']._serialized_start=1575
+  _globals['_BATCHINGINFO']._serialized_end=1682
+  _globals['_MODELINFO']._serialized_start=1685
+  _globals['_MODELINFO']._serialized_end=2165
+  _globals['_MODELLIST']._serialized_start=2167
+  _globals['_MODELLIST']._serialized_end=2221
+  _globals['_HYBRIDSERVE']._serialized_start=2224
+  _globals['_HYBRIDSERVE']._serialized_end=2774
 # @@protoc_insertion_point(module_scope)

@@ -49,12 +49,14 @@ class AssessRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., reference: _Optional[bytes] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("model", "image")
+    __slots__ = ("model", "image", "format")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: bytes
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
+    format: str
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., format: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -137,32 +139,36 @@ class AssessmentResult(_message.Message):
     def __init__(self, model: _Optional[str] = ..., score: _Optional[float] = ..., kind: _Optional[str] = ..., range: _Optional[_Iterable[float]] = ..., higher_is_better: _Optional[bool] = ...) -> None: ...
 
 class SegmentClass(_message.Message):
-    __slots__ = ("index", "label", "pixels", "fraction")
+    __slots__ = ("index", "label", "pixels", "fraction", "rle")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     FRACTION_FIELD_NUMBER: _ClassVar[int]
+    RLE_FIELD_NUMBER: _ClassVar[int]
     index: int
     label: str
     pixels: int
     fraction: float
-    def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., pixels: _Optional[int] = ..., fraction: _Optional[float] = ...) -> None: ...
+    rle: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., pixels: _Optional[int] = ..., fraction: _Optional[float] = ..., rle: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SegmentationResult(_message.Message):
-    __slots__ = ("model", "width", "height", "labels", "classes", "mask")
+    __slots__ = ("model", "width", "height", "labels", "classes", "mask", "mask_format")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
+    MASK_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model: str
     width: int
     height: int
     labels: _containers.RepeatedScalarFieldContainer[str]
     classes: _containers.RepeatedCompositeFieldContainer[SegmentClass]
     mask: bytes
-    def __init__(self, model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., classes: _Optional[_Iterable[_Union[SegmentClass, _Mapping]]] = ..., mask: _Optional[bytes] = ...) -> None: ...
+    mask_format: str
+    def __init__(self, model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., classes: _Optional[_Iterable[_Union[SegmentClass, _Mapping]]] = ..., mask: _Optional[bytes] = ..., mask_format: _Optional[str] = ...) -> None: ...
 
 class InputContract(_message.Message):
     __slots__ = ("input_size", "resize", "color", "scale", "tile", "tile_overlap", "needs_reference")

@@ -5,7 +5,7 @@ import warnings
 
 from hybridserve_client._grpc.hybridserve.v1 import hybridserve_pb2 as hybridserve_dot_v1_dot_hybridserve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from hybridserve.server.rayserve.app import haproxy_binary
 from tests.conftest import PSNR_SPEC, LocalServer, write_spec
-from tests.rayserver import RayServer, haproxy_pids, still_running
+from tests.rayserver import RayServer, children, haproxy_pids, still_running
 from tests.test_reliability import FIXTURES
 
 
@@ -27,17 +27,19 @@ def png(seed: int = 0) -> bytes:
 
 
 def replica_pids(deployment: str) -> list[int]:
-    """Processes of the deployment's live replicas (Ray titles them ``ray::ServeReplica:<app>:<deployment>``)."""
+    """This test process's live replicas of the deployment (Ray titles them ``ray::ServeReplica:<app>:<deployment>``).
+
+    Only descendants of this process: other servers on the machine are not ours to count or kill.
+    """
     title = f"ServeReplica:hybridserve:{deployment}".encode()
     pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if title in command and b"ray::" in command:
-                pids.append(int(entry.name))
+    for pid in children(os.getpid()):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if title in command and b"ray::" in command:
+            pids.append(pid)
     return pids
 
 

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 DRAINING_PERIOD_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+PROXY_CHECK_ENV = "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S"
 GATEWAY_PORTS = 32  # HTTP and gRPC ports a local cluster's gateway replicas may take (Ray's ranges are 1000)
 
 
@@ -95,6 +96,10 @@ def local_serve_env(folder: Path | None = None) -> dict[str, str]:
         env.setdefault(DRAINING_PERIOD_ENV, os.environ.get(DRAINING_PERIOD_ENV, "2"))
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", env.get("RAY_SERVE_ENABLE_HA_PROXY")) != "1":
         return env
+    # Serve checks its proxies (HAProxy's manager: is HAProxy running?) every 10 s and replaces
+    # one after 3 failures: a crashed HAProxy left the ports closed for 30 s. Every 2 s here.
+    if PROXY_CHECK_ENV not in os.environ:
+        env[PROXY_CHECK_ENV] = "2"
     for key, port in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
         if key not in os.environ:
             env[key] = str(metrics_export_port(port))

@@ -20,11 +20,12 @@ class HybridServeError(Exception):
     """Base of every error a client may see. Subclasses fix ``code``; ``message`` says what to fix."""
 
     code = "internal"
+    retry_after_default: float | None = None  # the Retry-After (seconds) of the transient kinds
 
     def __init__(self, message: str, *, retry_after: float | None = None):
         super().__init__(message)
         self.message = message
-        self.retry_after = retry_after
+        self.retry_after = self.retry_after_default if retry_after is None else retry_after
 
     def __reduce__(self):  # survives pickling across Ray processes with its keyword
         return (_rebuild, (type(self), self.message, self.retry_after))
@@ -68,14 +69,17 @@ class UnprocessableImage(HybridServeError):
 
 class Overloaded(HybridServeError):
     code = "overloaded"
+    retry_after_default = 1.0
 
 
 class ModelNotReady(HybridServeError):
     code = "model_not_ready"
+    retry_after_default = 1.0
 
 
 class DeadlineExceeded(HybridServeError):
     code = "deadline_exceeded"
+    retry_after_default = 1.0
 
 
 class InternalError(HybridServeError):

@@ -14,6 +14,9 @@ HTTP port (``state_dir``), and points ``RAY_SERVE_HAPROXY_BINARY_PATH`` at a lau
   connection layer (400 for a malformed request or one whose request line and headers exceed
   ``tune.bufsize``, 64 KiB here; 408; 500/501) use HAProxy's built-in HTML whatever the
   errorfiles say (``h1_send_error`` in HAProxy's mux_h1.c): docs/operations.md lists them;
+* drops Serve's fallback proxy from the HTTP backends (``without_fallback``): with no gateway
+  replica up (one restarting), requests get HAProxy's 503 at once instead of waiting, with no
+  deadline, in Serve's proxy for a replica to come back;
 * asks the kernel to kill HAProxy when its parent (the manager actor) dies, so a server killed
   with SIGKILL takes its proxy with it.
 
@@ -104,8 +107,12 @@ def json_errors(config: str, folder: Path) -> str:
     """Ray's HAProxy config with our error files in its ``defaults`` (unchanged if already there)."""
     if MARKER in config:
         return config
-    lines = [line for line in config.splitlines() if not line.strip().startswith("errorfile ")]
-    ours = [MARKER]
+    lines = [line for line in config.splitlines()
+             if not line.strip().startswith(("errorfile ", "option splice-request", "option splice-response"))]
+    # The whole request (up to tune.bufsize) is read before a server is picked: an error answered
+    # at once (no gateway replica up) otherwise reaches a client still sending its body, and most
+    # clients then report a broken connection, not the answer.
+    ours = [MARKER, "    option http-buffer-request"]
     for status in ERRORS:
         path = folder / f"{status}.http"
         path.write_text(error_file(status))
@@ -115,10 +122,31 @@ def json_errors(config: str, folder: Path) -> str:
     at = lines.index("frontend http_frontend") + 2  # after its bind line
     lines.insert(at, f"    http-request return status 431 content-type application/json string '{TOO_LARGE}' "
                      f"hdr {SOURCE_HEADER} proxy if {{ req.hdrs,length gt {HEADER_LIMIT} }}")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(without_fallback(lines)) + "\n"
     return re.sub(r'http-request return status 404 content-type text/plain lf-string "[^\n]*"',
                   lambda _: f"http-request return status 503 content-type application/json string '{NO_ROUTE}' "
                             f"hdr Retry-After 1 hdr {SOURCE_HEADER} proxy", text)
+
+
+def without_fallback(lines: list[str]) -> list[str]:
+    """The HTTP backends without Serve's fallback proxy (their ``backup`` server).
+
+    With no gateway replica up, HAProxy would pass requests to Serve's own proxy, which waits for
+    a replica with no deadline: during a gateway restart they hang. Without it HAProxy answers
+    at once with its 503 (JSON, ``Retry-After``). gRPC's fallback backend (ListApplications,
+    Healthz) stays.
+    """
+    section, names, kept = "", set(), []
+    for line in lines:
+        if line and not line[0].isspace():
+            section = line.strip()
+        words = line.split()
+        if section.startswith("backend ") and section != "backend grpc_fallback_backend" \
+                and words[:1] == ["server"] and words[-1] == "backup":
+            names.add(words[1])
+            continue
+        kept.append(line)
+    return [line for line in kept if not (line.split()[:1] == ["use-server"] and line.split()[1] in names)]
 
 
 def main() -> None:

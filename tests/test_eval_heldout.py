@@ -1,9 +1,10 @@
 """``hybridserve eval`` in-process on the built-in models' held-out sets, written to disk by the exporter.
 
-The exporter writes the held-out data in the standard layouts (ImageFolder, COCO JSON, CSV);
-the eval command reads those files and must give the numbers of the model cards
-(models/repository/classifier.md, detector.md, quality.md), which were measured by calling
-the models directly on the same held-out data.
+The exporter writes the held-out data in the standard layouts (ImageFolder, COCO JSON, CSV,
+image and label-image folders); the eval command reads those files and must give the numbers
+of the model cards (models/repository/classifier.md, detector.md, quality.md, segmenter.md),
+which were measured by calling the models directly on the same held-out data.
+tests/test_eval_live.py checks the same numbers through a running server.
 """
 
 from __future__ import annotations
@@ -12,17 +13,21 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from hybridserve.models.training import export_heldout
 from hybridserve.models.training.detection_eval import ImageDetections, ImageTruth, mean_average_precision
 from hybridserve.server.cli.main import main
-from hybridserve.server.evaluation import ClassificationSet, DetectionSet, LocalPredictor, evaluate
-from hybridserve.server.evaluation.metrics import coco_detection_metrics
+from hybridserve.server.evaluation import ClassificationSet, DetectionSet, LocalPredictor, SegmentationSet, evaluate
+from hybridserve.server.evaluation.datasets import DatasetError
+from hybridserve.server.evaluation.metrics import coco_detection_metrics, confusion_matrix, segmentation_metrics
 
 CARD_TOP1 = 449 / 450  # classifier.md: 99.78% (449 / 450)
 CARD_MAP50_VOC = 0.944  # detector.md: first 200 held-out scenes, VOC all-point mAP@0.5
 CARD_SRCC_WITHIN = {"blur": 1.00, "noise": 0.99, "jpeg": 0.91}  # quality.md, within a photograph
 CARD_SRCC_POOLED = {"blur": 0.59, "noise": 0.53, "jpeg": 0.44}  # quality.md, pooled over the photographs
+# segmenter.md, first 200 held-out scenes: mean IoU and IoU per class (background, circle, square, triangle)
+CARD_MIOU, CARD_CLASS_IOU = 0.944, (0.987, 0.941, 0.958, 0.888)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,11 @@ def test_exported_layouts_are_the_standard_ones(heldout) -> None:
     assert len(coco["images"]) == 200 and [c["name"] for c in coco["categories"]] == ["circle", "square", "triangle"]
     assert all(len(a["bbox"]) == 4 and a["iscrowd"] == 0 for a in coco["annotations"])
     assert (heldout / "iqa" / "blur.csv").read_text().splitlines()[0] == "image,mos,group"
+    segmentation = SegmentationSet.from_folders(heldout / "segmentation")
+    assert len(segmentation) == 200 and segmentation.ignore_index == 255
+    image, label = segmentation.pairs[0]
+    assert image.name == label.name and label.parent.name == "labels"
+    assert set(np.unique(np.asarray(Image.open(label))).tolist()) <= {0, 1, 2, 3}
 
 
 def test_classifier_reproduces_its_card(heldout, capsys) -> None:
@@ -125,6 +135,43 @@ def test_quality_model_reproduces_its_card_spearman(heldout, capsys, kind: str) 
     assert metrics["srcc_per_group"] == pytest.approx(CARD_SRCC_WITHIN[kind], abs=0.005)
     assert metrics["srcc"] == pytest.approx(CARD_SRCC_POOLED[kind], abs=0.02)
     assert -1 <= metrics["plcc"] <= 1 and -1 <= metrics["krcc"] <= 1
+
+
+def test_segmenter_reproduces_its_card_mean_iou(heldout, capsys) -> None:
+    report = eval_json(capsys, "segmentation", "segmenter", str(heldout / "segmentation"))
+    assert report["count"] == 200 and report["primary"] == "miou"
+    assert round(report["metrics"]["miou"], 3) == CARD_MIOU
+    assert [row["class"] for row in report["rows"]] == ["background", "circle", "square", "triangle"]
+    assert [round(row["IoU"], 3) for row in report["rows"]] == pytest.approx(CARD_CLASS_IOU, abs=0.0011)
+    assert sum(row["pixels"] for row in report["rows"]) == 200 * 128 * 128
+    assert report["metrics"]["pixel_accuracy"] == pytest.approx(0.988, abs=0.0005)  # the card's pixel accuracy
+
+
+def test_segmentation_metrics_on_known_cases() -> None:
+    truth = np.array([[0, 0, 1, 1], [0, 0, 1, 255], [2, 2, 2, 255]])
+    predicted = np.array([[0, 1, 1, 1], [0, 0, 1, 0], [2, 2, 0, 3]])
+    confusion = confusion_matrix(truth, predicted, 4, ignore_index=255)
+    assert confusion.sum() == 10 and confusion.tolist() == [[3, 1, 0, 0], [0, 3, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
+    scores = segmentation_metrics(confusion)
+    # background 3 / (4 + 4 - 3), class 1 3 / (3 + 4 - 3), class 2 2 / 3; class 3 nowhere: left out of the mean
+    assert scores["iou"][:3] == pytest.approx([3 / 5, 3 / 4, 2 / 3]) and np.isnan(scores["iou"][3])
+    assert scores["miou"] == pytest.approx((3 / 5 + 3 / 4 + 2 / 3) / 3)
+    assert scores["pixel_accuracy"] == pytest.approx(8 / 10)
+    with pytest.raises(ValueError, match="label value 7"):
+        confusion_matrix(np.array([0, 7]), np.array([0, 1]), 4, ignore_index=255)
+
+
+def test_segmentation_layout_errors_name_the_file(heldout, tmp_path, capsys) -> None:
+    with pytest.raises(DatasetError, match="images/ and labels/"):
+        SegmentationSet.from_folders(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    with pytest.raises(DatasetError, match="no label image named like a.png"):
+        SegmentationSet.from_folders(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "labels" / "a.png")
+    assert main(["eval", "segmentation", "segmenter", str(tmp_path), "--no-progress"]) == 2
+    assert "one channel of class indices" in capsys.readouterr().err
 
 
 def test_wrong_task_and_bad_data_exit_2(heldout, capsys) -> None:

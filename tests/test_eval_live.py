@@ -3,8 +3,8 @@
 - HTTP, ``hybridserve serve --no-ray`` in a subprocess: SMFANet x4 (the user's own architecture,
   tests/fixtures/smfanet.py) on Set5 gives the paper's 32.25 dB PSNR-Y, and an SSIM-Y equal to
   scikit-image's on the model's own output called directly.
-- gRPC, the session's Ray Serve instance: the classifier on held-out digits answers as it does
-  in-process.
+- The session's Ray Serve instance: the built-in classifier (through gRPC), detector, quality
+  model and segmenter (through HTTP) on their held-out sets give their model cards' numbers.
 - Slower tier (``-m slow``): CRAFT x4 on Set5 equals spandrel called directly (32.39 dB), and
   DnCNN sigma 25 on Set12 gives about 30.4 dB.
 """
@@ -20,9 +20,16 @@ import torch
 from PIL import Image
 
 from hybridserve.models import create_model
-from hybridserve.models.training import export_heldout
 from hybridserve.server.cli.main import main
 from tests.conftest import SPECS, LocalServer, needs_eval, write_spec
+from tests.test_eval_heldout import (  # noqa: F401 (heldout: the exported held-out sets, a fixture)
+    CARD_CLASS_IOU,
+    CARD_MAP50_VOC,
+    CARD_MIOU,
+    CARD_SRCC_WITHIN,
+    CARD_TOP1,
+    heldout,
+)
 from tests.test_published_checkpoints import SET5, psnr_y
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "smfanet.py"
@@ -95,15 +102,28 @@ def test_smfanet_x4_set5_through_http_gives_the_published_psnr_y(smfanet_server,
     assert "PSNR (dB)" in out and "baby" in out and "<- psnr" in out and "[#" not in out
 
 
-def test_classifier_through_grpc_answers_as_in_process(server, tmp_path, capsys) -> None:
+def test_classifier_through_grpc_reproduces_its_card(server, heldout, capsys) -> None:
     server.need("classifier")
-    assert export_heldout.main(["--task", "classification", "--out", str(tmp_path)]) == 0
-    served = eval_json(capsys, "classification", "classifier", str(tmp_path), "--limit", "60",
+    report = eval_json(capsys, "classification", "classifier", str(heldout / "classification"),
                        "--url", f"grpc://{server.grpc_target}")
-    local = eval_json(capsys, "classification", "classifier", str(tmp_path), "--limit", "60")
-    assert served["target"].startswith("grpc://") and served["count"] == local["count"] == 60
-    assert served["metrics"] == local["metrics"] and served["rows"] == local["rows"]
-    assert served["metrics"]["top1"] >= 0.97
+    assert report["target"].startswith("grpc://") and report["count"] == 450
+    assert report["metrics"]["top1"] == pytest.approx(CARD_TOP1)
+
+
+def test_detector_quality_and_segmenter_through_http_reproduce_their_cards(server, heldout, capsys) -> None:
+    for model in ("detector", "quality", "segmenter"):
+        server.need(model)
+    url = server.http_url
+    detection = eval_json(capsys, "detection", "detector", str(heldout / "detection" / "annotations.json"),
+                          "--url", url)
+    assert detection["target"] == url and detection["count"] == 200
+    assert detection["metrics"]["map50"] == pytest.approx(CARD_MAP50_VOC, abs=0.01)  # COCO's 101 points vs VOC's
+    for kind, srcc in CARD_SRCC_WITHIN.items():
+        iqa = eval_json(capsys, "iqa", "quality", str(heldout / "iqa" / f"{kind}.csv"), "--url", url)
+        assert iqa["count"] == 24 and iqa["metrics"]["srcc_per_group"] == pytest.approx(srcc, abs=0.005), kind
+    segmentation = eval_json(capsys, "segmentation", "segmenter", str(heldout / "segmentation"), "--url", url)
+    assert segmentation["count"] == 200 and round(segmentation["metrics"]["miou"], 3) == CARD_MIOU
+    assert [row["IoU"] for row in segmentation["rows"]] == pytest.approx(CARD_CLASS_IOU, abs=0.0011)
 
 
 @pytest.fixture(scope="module")

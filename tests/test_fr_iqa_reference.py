@@ -31,6 +31,9 @@ PUBLISHED = {
     "psnr": (21.11, 20.99, 27.01, 23.30, 21.62),
 }
 TOLERANCE = {"ssim": 0.002, "ms-ssim": 0.005, "psnr": 0.01}
+# The same calibration's run of the official msssim.m on the BT.601 luma (ResultsCalibra/ms_ssim_org_result.txt,
+# "ycbcr input"): the MS-SSIM computation itself, without the rgb2gray question.
+PUBLISHED_MS_SSIM_Y = (0.6981, 0.9998, 0.9999, 0.9570, 0.8547)
 
 
 def served(name: str, args: dict | None = None):
@@ -66,6 +69,13 @@ def test_served_metric_matches_the_official_implementation(metric: str, pairs) -
     measured = [score(reference, distorted) for reference, distorted in pairs]
     for name, got, want in zip(PAIRS, measured, PUBLISHED[metric]):
         assert got == pytest.approx(want, abs=TOLERANCE[metric]), (metric, name, measured)
+
+
+def test_ms_ssim_on_luma_y_matches_the_official_run_on_ycbcr_input(pairs) -> None:
+    """To the 4 published decimals: the residual of the rgb2gray row (up to 0.0044) is not the pyramid's."""
+    score = served("ms-ssim", {"channels": "y"})
+    measured = [score(reference, distorted) for reference, distorted in pairs]
+    assert measured == pytest.approx(PUBLISHED_MS_SSIM_Y, abs=0.00006), measured
 
 
 def test_rgb_variant_is_scikit_image_per_channel_ssim(pairs) -> None:
@@ -137,3 +147,21 @@ def test_crop_border_raises_the_smallest_accepted_size() -> None:
     assert create_model("hybridserve:ms_ssim").module.min_size == 176
     assert create_model("hybridserve:psnr", args={"crop_border": 4}).module.min_size == 9
     assert create_model("hybridserve:ssim", args={"crop_border": 4}).module.min_size == 19
+
+
+@pytest.mark.parametrize("metric", ["ssim", "psnr"])
+def test_full_reference_eval_from_a_csv_ranks_as_the_official_scores(metric: str, tmp_path, capsys) -> None:
+    """``hybridserve eval iqa`` on rows of (image, reference, mos), the official scores as the MOS."""
+    import json
+
+    from hybridserve.server.cli.main import main
+
+    rows = ["image,reference,mos"] + [
+        f"{needs_eval('iqa', 'dist', f'{n}.bmp')},{needs_eval('iqa', 'ref', f'{n}.bmp')},{score}"
+        for n, score in zip(PAIRS, PUBLISHED[metric])]
+    (tmp_path / "tid2013.csv").write_text("\n".join(rows) + "\n")
+    assert main(["eval", "iqa", metric, str(tmp_path / "tid2013.csv"), "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 5 and report["protocol"] == {"kind": "full-reference", "groups": 0}
+    assert report["metrics"]["srcc"] == pytest.approx(1.0) and report["metrics"]["krcc"] == pytest.approx(1.0)
+    assert report["metrics"]["plcc"] > 0.9999

@@ -3,6 +3,7 @@
     python -m hybridserve.models.training.export_heldout --task classification --out heldout/classification
     python -m hybridserve.models.training.export_heldout --task detection --out heldout/detection
     python -m hybridserve.models.training.export_heldout --task iqa --out heldout/iqa
+    python -m hybridserve.models.training.export_heldout --task segmentation --out heldout/segmentation
 
 - classification: the 450 held-out digits (``digits.load_split``) as 8x8 grayscale PNGs in
   one folder per label (``0/`` ... ``9/``; torchvision's ImageFolder layout), named by their
@@ -15,7 +16,11 @@
   quality model card's measurement: ``numpy.random.default_rng(11)``, blur, then noise, then
   JPEG) as PNGs in ``images/``, and one CSV per distortion (``blur.csv``, ``noise.csv``,
   ``jpeg.csv``) with columns ``image``, ``mos`` (``1 - strength``, the score the model is
-  trained to give) and ``group`` (the photograph).
+  trained to give) and ``group`` (the photograph);
+- segmentation: the first ``--count`` (default 200) held-out scenes of the segmenter
+  (``segscenes.held_out_segmentation_scenes``: the detection scenes) as PNGs in ``images/`` and
+  their class maps as 8-bit grayscale PNGs of the same names in ``labels/`` (pixel value = class
+  index: 0 background, 1 circle, 2 square, 3 triangle).
 
 Everything is deterministic: the same command writes the same files.
 """
@@ -30,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-TASKS = ("classification", "detection", "iqa")
+TASKS = ("classification", "detection", "iqa", "segmentation")
 IQA_STRENGTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 IQA_SEED = 11
 
@@ -87,17 +92,33 @@ def export_iqa(out: Path) -> int:
     return written
 
 
+def export_segmentation(out: Path, count: int) -> int:
+    from hybridserve.models.training.scenes import HELD_OUT_SEED_START
+    from hybridserve.models.training.segscenes import held_out_segmentation_scenes
+
+    for folder in ("images", "labels"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    for index, item in enumerate(held_out_segmentation_scenes(count)):
+        file_name = f"scene-{HELD_OUT_SEED_START + index}.png"
+        Image.fromarray(item.scene.image).save(out / "images" / file_name)
+        Image.fromarray(item.class_map.astype(np.uint8), mode="L").save(out / "labels" / file_name)
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder to write (created)")
-    parser.add_argument("--count", type=int, default=200, help="detection: how many held-out scenes (default 200)")
+    parser.add_argument("--count", type=int, default=200,
+                        help="detection, segmentation: how many held-out scenes (default 200)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.task == "classification":
         written = export_classification(args.out)
     elif args.task == "detection":
         written = export_detection(args.out, args.count)
+    elif args.task == "segmentation":
+        written = export_segmentation(args.out, args.count)
     else:
         written = export_iqa(args.out)
     print(f"wrote {written} held-out {args.task} images to {args.out}")

@@ -4,12 +4,13 @@
 
     with LocalPredictor(["denoiser"]) as predictor:  # or hybridserve_client.Client(url)
         report = evaluate(predictor, "denoiser", RestorationSet.from_clean("clean/", noise_sigma=25))
-    print(report.value)  # the field's headline number: top-1, COCO mAP, PSNR or SRCC
+    print(report.value)  # the field's headline number: top-1, COCO mAP, PSNR, SRCC or mean IoU
 
-``datasets`` reads the four on-disk layouts, ``metrics`` computes each task's metric,
-``runner`` runs a predictor (anything with ``hybridserve_client.Client``'s inference
-methods) over a dataset, ``report`` holds the result, ``inprocess`` is the predictor over
-models loaded in this process and ``cli`` the command. docs/eval.md shows it at work.
+``datasets`` reads the five on-disk layouts (``files`` the files in them), ``metrics``
+computes each task's metric, ``runner`` runs a predictor (anything with
+``hybridserve_client.Client``'s inference methods) over a dataset, ``report`` holds the
+result, ``inprocess`` is the predictor over models loaded in this process and ``cli`` the
+command. docs/eval.md shows it at work.
 """
 
 from hybridserve.server.evaluation.datasets import (
@@ -18,6 +19,7 @@ from hybridserve.server.evaluation.datasets import (
     DetectionSet,
     IQASet,
     RestorationSet,
+    SegmentationSet,
     subset,
 )
 from hybridserve.server.evaluation.inprocess import LocalPredictor
@@ -29,6 +31,7 @@ from hybridserve.server.evaluation.runner import (
     evaluate_detection,
     evaluate_iqa,
     evaluate_restoration,
+    evaluate_segmentation,
 )
 
 __all__ = [
@@ -40,10 +43,12 @@ __all__ = [
     "LocalPredictor",
     "Predictor",
     "RestorationSet",
+    "SegmentationSet",
     "evaluate",
     "evaluate_classification",
     "evaluate_detection",
     "evaluate_iqa",
     "evaluate_restoration",
+    "evaluate_segmentation",
     "subset",
 ]

@@ -5,6 +5,7 @@
     hybridserve eval restoration craft-x4 ../shared/eval/sr/Set5 --scale 4 --url http://localhost:8000
     hybridserve eval restoration dncnn-25 ../shared/eval/denoise/Set12 --noise-sigma 25 --seed 0
     hybridserve eval iqa quality heldout/iqa/blur.csv --url grpc://localhost:9000
+    hybridserve eval segmentation segmenter heldout/segmentation
 
 Without ``--url`` the model is loaded from ``--repository`` (default: the built-in models) into
 this process; with it, every image goes through ``hybridserve_client.Client`` (HTTP or gRPC),
@@ -29,13 +30,14 @@ from hybridserve.server.evaluation.datasets import (
     DetectionSet,
     IQASet,
     RestorationSet,
+    SegmentationSet,
     read_label_map,
     subset,
 )
 from hybridserve.server.evaluation.metrics import RESTORATION_CHANNELS
 from hybridserve.server.evaluation.runner import evaluate
 
-TASKS = ("classification", "detection", "restoration", "iqa")
+TASKS = ("classification", "detection", "restoration", "iqa", "segmentation")
 
 
 class ProgressBar:
@@ -104,7 +106,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     iqa_p = tasks.add_parser("iqa", parents=[common], help="SRCC / PLCC / KRCC against a CSV of MOS")
     iqa_p.add_argument("data", help="CSV with columns image, [reference], mos, [group]; paths relative to it")
-    for parser in (cls_p, det_p, res_p, iqa_p):
+
+    seg_p = tasks.add_parser("segmentation", parents=[common], help="mean IoU from images and label images")
+    seg_p.add_argument("data", help="folder with images/ and labels/ (same names), or the image folder (with --labels)")
+    seg_p.add_argument("--labels", help="folder of label images: one channel, a class index per pixel")
+    seg_p.add_argument("--ignore-index", type=int, default=255, help="label value of unlabelled pixels (default 255)")
+    for parser in (cls_p, det_p, res_p, iqa_p, seg_p):
         parser.set_defaults(func=cmd_eval)
     return eval_p
 
@@ -118,6 +125,8 @@ def read_dataset(args: argparse.Namespace) -> Any:
         return DetectionSet.from_coco(args.data, args.images, read_label_map(args.label_map))
     if task == "iqa":
         return IQASet.from_csv(args.data)
+    if task == "segmentation":
+        return SegmentationSet.from_folders(args.data, args.labels, args.ignore_index)
     if args.noise_sigma is not None:
         return RestorationSet.from_clean(args.data, args.noise_sigma, args.seed)
     if args.target:

@@ -1,4 +1,4 @@
-"""Readers for the four on-disk evaluation layouts, one dataclass per task.
+"""Readers for the five on-disk evaluation layouts, one dataclass per task.
 
 - ``ClassificationSet.from_folder``: one folder per class holding its images (torchvision's
   ``ImageFolder`` convention: classes are the sorted folder names, images are the files with
@@ -15,6 +15,11 @@
   (full-reference IQA), a ``mos`` column (the subjective score; ``dmos`` is read too) and an
   optional ``group`` column (content, e.g. the source photograph); paths are relative to the
   CSV's folder.
+- ``SegmentationSet.from_folders``: a folder of images and a folder of label images with the
+  same names (``images/`` and ``labels/`` under one root by default); a label image is a
+  one-channel PNG (grayscale or palette, as Pascal VOC's) whose pixel values are class indices
+  in the served model's ``labels`` order, ``ignore_index`` (255 by default) marking unlabelled
+  pixels.
 
 Every reader checks what it reads and says which file is wrong; ``subset`` keeps ``limit``
 items spread evenly over a dataset.
@@ -32,51 +37,18 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
+from hybridserve.server.evaluation.files import (
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    image_files,
+    load_class_map,
+    load_pixels,
+    read_label_map,
+)
 
-
-class DatasetError(ValueError):
-    """A dataset on disk does not have the layout its task expects."""
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def read_label_map(path: str | Path | None) -> dict[str, str]:
-    """A dataset-name -> served-label map: a JSON object, or a CSV / TSV of two columns."""
-    if path is None:
-        return {}
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise DatasetError(f"{path}: a label map must be a JSON object of name -> label")
-        return {str(k): str(v) for k, v in data.items()}
-    dialect = csv.Sniffer().sniff(text.splitlines()[0]) if text.strip() else csv.excel
-    rows = [row for row in csv.reader(text.splitlines(), dialect) if row]
-    if any(len(row) != 2 for row in rows):
-        raise DatasetError(f"{path}: every row of a label map must be two columns, name and label")
-    return {name.strip(): label.strip() for name, label in rows}
-
-
-def load_pixels(path: Path) -> np.ndarray:
-    """An image file as uint8: (H, W) for grayscale files, (H, W, 3) for the others."""
-    with Image.open(path) as image:
-        image.load()
-        if image.mode in ("L", "LA", "I", "I;16", "1", "P") and _is_gray(image):
-            return np.asarray(image.convert("L"))
-        return np.asarray(image.convert("RGB"))
-
-
-def _is_gray(image: Image.Image) -> bool:
-    if image.mode != "P":
-        return True
-    palette = np.asarray(image.convert("RGB"))
-    return bool((palette[..., 0] == palette[..., 1]).all() and (palette[..., 1] == palette[..., 2]).all())
-
+__all__ = ["ClassificationSet", "Dataset", "DatasetError", "DetectionSet", "IQASet", "RestorationSet",
+           "SegmentationSet", "image_files", "load_class_map", "load_pixels", "noisy_input", "read_label_map",
+           "subset"]
 
 # --------------------------------------------------------------------------- classification
 
@@ -334,10 +306,55 @@ class IQASet:
         return len(self.rows)
 
 
+# --------------------------------------------------------------------------- segmentation
+
+LABEL_FOLDERS = ("labels", "masks", "annotations")
+
+
+@dataclass(frozen=True)
+class SegmentationSet:
+    """(image, label image) pairs; ``ignore_index`` marks pixels that count for nothing (None: none do)."""
+
+    root: Path
+    pairs: tuple[tuple[Path, Path], ...]
+    ignore_index: int | None = 255
+
+    @classmethod
+    def from_folders(cls, images: str | Path, labels: str | Path | None = None,
+                     ignore_index: int | None = 255) -> SegmentationSet:
+        """``images`` and ``labels`` with matching names; without ``labels``, ``images`` is a root
+        holding ``images/`` and one of ``labels/``, ``masks/``, ``annotations/``."""
+        root = images = Path(images)
+        if labels is None:
+            found = [root / name for name in LABEL_FOLDERS if (root / name).is_dir()]
+            if not (root / "images").is_dir() or not found:
+                raise DatasetError(f"{root}: expected images/ and labels/ (or give the label folder with --labels)")
+            images, labels = root / "images", found[0]
+        labels = Path(labels)
+        if not images.is_dir() or not labels.is_dir():
+            raise DatasetError(f"{images if not images.is_dir() else labels} is not a folder")
+        by_stem = {p.stem: p for p in image_files(labels)}
+        pairs = []
+        for image in image_files(images):
+            if image.stem not in by_stem:
+                raise DatasetError(f"{labels}: no label image named like {image.name}")
+            pairs.append((image, by_stem[image.stem]))
+        if not pairs:
+            raise DatasetError(f"{images}: no images")
+        return cls(root, tuple(pairs), ignore_index)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
 # --------------------------------------------------------------------------- subsets
 
-Dataset = ClassificationSet | DetectionSet | RestorationSet | IQASet
-D = TypeVar("D", ClassificationSet, DetectionSet, RestorationSet, IQASet)
+Dataset = ClassificationSet | DetectionSet | RestorationSet | IQASet | SegmentationSet
+D = TypeVar("D", ClassificationSet, DetectionSet, RestorationSet, IQASet, SegmentationSet)
 
 
 def subset(dataset: D, limit: int | None) -> D:
@@ -351,6 +368,6 @@ def subset(dataset: D, limit: int | None) -> D:
         return replace(dataset, samples=tuple(dataset.samples[i] for i in keep))
     if isinstance(dataset, DetectionSet):
         return dataset.restricted([dataset.images[i] for i in keep])
-    if isinstance(dataset, RestorationSet):
+    if isinstance(dataset, (RestorationSet, SegmentationSet)):
         return replace(dataset, pairs=tuple(dataset.pairs[i] for i in keep))
     return replace(dataset, rows=tuple(dataset.rows[i] for i in keep))

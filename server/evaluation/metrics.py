@@ -10,7 +10,11 @@
   ``hybridserve:psnr`` and ``hybridserve:ssim`` modules (``models/builtin/metrics.py``);
 - IQA: Spearman (SRCC), Pearson (PLCC) and Kendall (KRCC) correlation between predicted
   scores and MOS (``scipy.stats``), over all rows and, when rows carry a group, the mean of the
-  correlations within each group.
+  correlations within each group;
+- segmentation: per-class IoU (intersection over union of the pixels of the class in the truth
+  and in the prediction, both summed over the whole dataset, as Pascal VOC, Cityscapes and
+  mmsegmentation compute it), mean IoU over the classes present in the truth or the prediction,
+  pixel accuracy; pixels labelled ``ignore_index`` count for nothing.
 """
 
 from __future__ import annotations
@@ -128,3 +132,40 @@ def grouped_correlations(predicted: Sequence[float], mos: Sequence[float], group
               for rows in by_group.values() if len(rows) > 1]
     return {f"{name}_per_group": float(np.nanmean([v[name] for v in values])) if values else float("nan")
             for name in ("srcc", "plcc", "krcc")}
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int,
+                     ignore_index: int | None = None) -> np.ndarray:
+    """(classes, classes) pixel counts, truth by row, prediction by column; ``ignore_index`` pixels left out.
+
+    A truth value outside ``0 .. classes - 1`` (other than ``ignore_index``) is an error.
+    """
+    truth, predicted = np.asarray(truth).reshape(-1), np.asarray(predicted).reshape(-1)
+    if truth.shape != predicted.shape:
+        raise ValueError(f"{truth.size} labelled pixels for {predicted.size} predicted ones")
+    if ignore_index is not None:
+        keep = truth != ignore_index
+        truth, predicted = truth[keep], predicted[keep]
+    if truth.size and (truth.min() < 0 or truth.max() >= classes):
+        raise ValueError(f"label value {int(truth.max() if truth.max() >= classes else truth.min())} is not a class "
+                         f"index of a {classes}-class model (nor the ignore index {ignore_index})")
+    pairs = truth.astype(np.int64) * classes + predicted.astype(np.int64)
+    return np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+
+
+def segmentation_metrics(confusion: np.ndarray) -> dict[str, Any]:
+    """``miou``, ``pixel_accuracy``, ``mean_accuracy`` and per-class ``iou`` / ``accuracy`` (NaN where undefined)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    right = np.diag(confusion)
+    in_truth, in_prediction = confusion.sum(axis=1), confusion.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = right / (in_truth + in_prediction - right)
+        accuracy = right / in_truth
+    total = confusion.sum()
+
+    def mean(values: np.ndarray) -> float:
+        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+    return {"miou": mean(iou), "pixel_accuracy": float(right.sum() / total) if total else float("nan"),
+            "mean_accuracy": mean(accuracy), "iou": iou.tolist(), "accuracy": accuracy.tolist(),
+            "pixels": in_truth.astype(np.int64).tolist()}

@@ -6,12 +6,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PRIMARY_METRIC = {"classification": "top1", "detection": "map", "restoration": "psnr", "iqa": "srcc"}
+PRIMARY_METRIC = {"classification": "top1", "detection": "map", "restoration": "psnr", "iqa": "srcc",
+                  "segmentation": "miou"}
 METRIC_TITLES = {
     "top1": "top-1 accuracy", "top5": "top-5 accuracy", "map": "mAP@[.5:.95] (COCO)", "map50": "mAP@0.5 (COCO)",
     "map75": "mAP@0.75 (COCO)", "psnr": "PSNR (dB)", "ssim": "SSIM", "srcc": "SRCC", "plcc": "PLCC", "krcc": "KRCC",
     "srcc_per_group": "SRCC within a group (mean)", "plcc_per_group": "PLCC within a group (mean)",
-    "krcc_per_group": "KRCC within a group (mean)",
+    "krcc_per_group": "KRCC within a group (mean)", "miou": "mean IoU", "pixel_accuracy": "pixel accuracy",
+    "mean_accuracy": "mean class accuracy",
 }
 
 
@@ -39,7 +41,7 @@ class EvalReport:
 
     @property
     def value(self) -> float:
-        """The headline number (top-1, COCO mAP, PSNR or SRCC)."""
+        """The headline number (top-1, COCO mAP, PSNR, SRCC or mean IoU)."""
         return self.metrics[self.primary]
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,8 +69,8 @@ def _grid(rows: list[dict[str, Any]]) -> list[str]:
     columns = list(rows[0])
     cells = [[_number(row[c]) if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    header = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
-    body = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    header = "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()
+    body = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
     return [header, "  ".join("-" * w for w in widths), *body]
 
 

@@ -2,13 +2,13 @@
 
 A *predictor* is anything with the inference methods of ``hybridserve_client.Client``:
 ``classify(model, image, top_k=...)``, ``detect(model, image, score_threshold=...,
-max_detections=...)``, ``restore(model, image)`` and ``assess(model, image, reference=...)``,
-each taking one image or a list of them (a list answers a list, in order). A ``Client`` on a
-server's URL measures the served path; ``LocalPredictor`` (``inprocess.py``) the same
-pipeline in this process. Images go out as the files hold them (paths) or as uint8 arrays
-(noisy inputs made here); lists of ``concurrency`` images are in flight at a time, so a
-batching server sees real batches. ``progress`` is called with the number of items done after
-every list.
+max_detections=...)``, ``restore(model, image)``, ``assess(model, image, reference=...)`` and
+``segment(model, image)``, each taking one image or a list of them (a list answers a list, in
+order). A ``Client`` on a server's URL measures the served path; ``LocalPredictor``
+(``inprocess.py``) the same pipeline in this process. Images go out as the files hold them
+(paths) or as uint8 arrays (noisy inputs made here); lists of ``concurrency`` images are in
+flight at a time, so a batching server sees real batches. ``progress`` is called with the
+number of items done after every list.
 
     from hybridserve_client import Client
     from hybridserve.server.evaluation import ClassificationSet, evaluate
@@ -30,12 +30,16 @@ from hybridserve.server.evaluation.datasets import (
     DetectionSet,
     IQASet,
     RestorationSet,
+    SegmentationSet,
+    load_class_map,
 )
 from hybridserve.server.evaluation.metrics import (
     RestorationMetrics,
     coco_detection_metrics,
+    confusion_matrix,
     correlations,
     grouped_correlations,
+    segmentation_metrics,
     top_k_accuracy,
 )
 from hybridserve.server.evaluation.report import EvalReport
@@ -54,6 +58,8 @@ class Predictor(Protocol):
     def restore(self, model: str, image: Any, format: str = "png") -> Any: ...
 
     def assess(self, model: str, image: Any, reference: Any = None) -> Any: ...
+
+    def segment(self, model: str, image: Any) -> Any: ...
 
 
 def _in_lists(items: Sequence[Any], size: int, call: Callable[[list[Any]], list[Any]],
@@ -183,6 +189,41 @@ def evaluate_iqa(predictor: Predictor, model: str, dataset: IQASet, *, concurren
                       protocol)
 
 
+def evaluate_segmentation(predictor: Predictor, model: str, dataset: SegmentationSet, *, concurrency: int = 8,
+                          progress: Progress | None = None, target: str = "in-process") -> EvalReport:
+    """Mean IoU, pixel accuracy and mean class accuracy over the dataset's pixels; ``rows`` per class.
+
+    The served mask (the image's size, a class index per pixel) is compared with the label
+    image pixel for pixel; counts are summed over every image before dividing.
+    """
+    started = time.perf_counter()
+    labels: list[str] = []
+    confusion: Any = 0
+
+    def segment(chunk: list[Any]) -> list[Any]:
+        nonlocal labels, confusion
+        results = predictor.segment(model, [image for image, _ in chunk])
+        for (image, label_file), result in zip(chunk, results):
+            labels = labels or list(result.labels)
+            mask, truth = result.mask_array(), load_class_map(label_file)
+            if mask.shape != truth.shape:
+                raise ValueError(f"{label_file.name} is {truth.shape[1]}x{truth.shape[0]}, the mask of "
+                                 f"{image.name} {mask.shape[1]}x{mask.shape[0]}: the sizes must match")
+            try:
+                confusion = confusion + confusion_matrix(truth, mask, len(labels), dataset.ignore_index)
+            except ValueError as exc:
+                raise ValueError(f"{label_file}: {exc}") from None
+        return results
+
+    _in_lists(dataset.pairs, concurrency, segment, progress)
+    scores = segmentation_metrics(confusion)
+    rows = [{"class": name, "pixels": pixels, "IoU": iou, "accuracy": accuracy}
+            for name, pixels, iou, accuracy in zip(labels, scores.pop("pixels"), scores.pop("iou"),
+                                                   scores.pop("accuracy"))]
+    return EvalReport("segmentation", model, dataset.name, len(dataset), scores, time.perf_counter() - started,
+                      target, {"ignore_index": dataset.ignore_index}, rows)
+
+
 def evaluate(predictor: Predictor, model: str, dataset: Dataset, **options: Any) -> EvalReport:
     """Evaluate ``model`` on ``dataset`` with the task's function (chosen by the dataset's type)."""
     if isinstance(dataset, ClassificationSet):
@@ -193,4 +234,6 @@ def evaluate(predictor: Predictor, model: str, dataset: Dataset, **options: Any)
         return evaluate_restoration(predictor, model, dataset, **options)
     if isinstance(dataset, IQASet):
         return evaluate_iqa(predictor, model, dataset, **options)
+    if isinstance(dataset, SegmentationSet):
+        return evaluate_segmentation(predictor, model, dataset, **options)
     raise TypeError(f"no evaluation for a {type(dataset).__name__}")

@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybridserve_client.schemas import ClassificationResult, ClassPrediction
+from hybridserve_client.results import RestoredImage
 from hybridserve.server.compiler import calibration
 from hybridserve.server.compiler.quantize import Batch, output_snr
 from hybridserve.server.compiler.runner import output_leaves
 from hybridserve.server.core.spec import Compile
-from hybridserve.server.tasks.base import InferenceRequest, Item, TaskHandler, label_of
+from hybridserve.server.tasks import InferenceRequest, Options, task_for_verb
+from hybridserve.server.tasks.base import Item, TaskHandler
 
 HELDOUT_MAX_DROP = {"classification": 0.5, "restoration": 0.1}  # top-1 points; dB of PSNR
 MIN_VALUE = {"top1_agreement": 0.99, "snr": 20.0, "psnr": 40.0}
@@ -58,14 +59,17 @@ class GateReport:
 
 
 class _Predictor:
-    """``hybridserve eval``'s predictor over a handler running ``module`` (the fp32 model or the candidate)."""
+    """``hybridserve eval``'s predictor over a handler running ``module`` (the fp32 model or the candidate).
+
+    It answers as the in-process client does (typed results; restored images as ``RestoredImage``)."""
 
     def __init__(self, handler: TaskHandler, module: Callable[..., Any]):
         self.handler, self.module = handler, module
 
-    def _run(self, images: Sequence[Any]) -> tuple[list[Any], list[list[Any]]]:
+    def _answers(self, verb: str, images: Sequence[Any], options: Options) -> list[Any]:
+        """The typed results a client gets for ``images``, the batches run by ``module``."""
         handler = self.handler
-        prepared = [handler.preprocess(InferenceRequest(image=_payload(image))) for image in images]
+        prepared = [handler.preprocess(InferenceRequest(image=_payload(image), options=options)) for image in images]
         items = [item for p in prepared for item in p.items]
         served, handler.module = handler.module, self.module
         try:
@@ -73,24 +77,18 @@ class _Predictor:
             outputs = [out for start in range(0, len(items), size) for out in handler.forward(items[start:start + size])]
         finally:
             handler.module = served
-        grouped, start = [], 0
+        task, answers, start = task_for_verb(verb), [], 0
         for p in prepared:
-            grouped.append(outputs[start:start + len(p.items)])
+            output = handler.postprocess(p, outputs[start:start + len(p.items)])
+            answers.append(task.typed(handler.spec, output, options))
             start += len(p.items)
-        return prepared, grouped
+        return answers
 
-    def classify(self, model: str, images: Sequence[Any], top_k: int | None = None) -> list[ClassificationResult]:
-        results = []
-        for _, (logits,) in zip(*self._run(images)):
-            scores = torch.softmax(logits.float().flatten(), 0)
-            top = torch.topk(scores, min(top_k or 5, scores.numel()))
-            results.append(ClassificationResult(model=model, predictions=[
-                ClassPrediction(label=label_of(self.handler.spec, int(i)), index=int(i), score=min(1.0, float(s)))
-                for s, i in zip(top.values, top.indices)]))
-        return results
+    def classify(self, model: str, images: Sequence[Any], top_k: int | None = None) -> list[Any]:
+        return self._answers("classify", images, Options(top_k=top_k))
 
-    def restore(self, model: str, images: Sequence[Any], format: str = "png") -> list[Any]:
-        return [self.handler.postprocess(prepared, outputs) for prepared, outputs in zip(*self._run(images))]
+    def restore(self, model: str, images: Sequence[Any], format: str = "png") -> list[RestoredImage]:
+        return [RestoredImage.from_schema(result) for result in self._answers("restore", images, Options(format=format))]
 
 
 def _payload(image: Any) -> bytes | np.ndarray:

@@ -8,8 +8,8 @@ the fallback chain (``aot``, ``inductor``):
    the simulated int8 graph with the gate (``gate``); if it fails, rank the layers by
    ``sensitivity`` and keep the 1, 2, 4, ... most sensitive in fp32 until it passes or
    ``accuracy_gate.max_fp32_layers`` is reached;
-2. compile the quantised graph with freezing (Inductor fuses the quantise steps into oneDNN
-   int8 kernels), check that the program calls int8 kernels (``kernels``), and run the gate
+2. where the simulated graph passes, compile it with freezing (Inductor fuses the quantise
+   steps into oneDNN int8 kernels), check that the program calls int8 kernels (``kernels``), and run the gate
    again on the compiled program, the one that will serve;
 3. cache it all under one key (weights, code, shapes, calibration images and settings, gate
    settings and data, torch and torchao versions): a later load reuses the quantised graph,
@@ -33,7 +33,9 @@ from hybridserve.server.compiler.artifacts import ArtifactStore, artifact_key, v
 from hybridserve.server.compiler.backends import BUILDERS, availability
 from hybridserve.server.compiler.gate import Gate, GateReport, item_batches
 from hybridserve.server.compiler.kernels import MissingInt8Kernels, verify_int8
-from hybridserve.server.compiler.quantize import export_graph, has_vnni, quantizable_layers, quantize, sensitivity
+from hybridserve.server.compiler.quantize import (
+    export_graph, has_vnni, quantizable_layers, quantize, register_quantized_ops, sensitivity,
+)
 from hybridserve.server.compiler.runner import (
     BatchRunner, CompileResult, default_buckets, example_batch, max_relative_error,
 )
@@ -154,6 +156,11 @@ def _build(handler, eager, backend, config, item, shape, cal_items, gate, extra)
     if meta is not None and not meta["gate"]["passed"]:
         raise _GateFailed(meta["gate"])
     started = time.perf_counter()
+    phases: dict[str, float] = {}  # seconds of each step of a build: where an int8 build's time goes
+
+    def lap(phase: str) -> None:
+        phases[phase] = round(time.perf_counter() - started - sum(phases.values()), 3)
+
     folder = store.path if meta is not None else store.staging()
     try:
         if meta is None:
@@ -162,20 +169,32 @@ def _build(handler, eager, backend, config, item, shape, cal_items, gate, extra)
             quantized, fp32, simulated, layers = _search(
                 graph, batches, item_batches(cal_items[:PROBE_ITEMS], max_batch), config, gate,
                 lambda g: BatchRunner({None: g}, eager, shape, max_batch))
+            lap("quantize_and_gate")
+            if not simulated.passed:  # the fused program would fail too: record the verdict, compile nothing
+                report = {**simulated.to_dict(), "simulated": simulated.to_dict()}
+                store.commit(folder, {**fields, "files": {}, "fp32_layers": fp32, "gate": report, "phases": phases,
+                                      "compile_seconds": round(time.perf_counter() - started, 3)})
+                raise _GateFailed(report)
             program = torch.export.export(quantized, examples(min(2, max_batch)), strict=False, dynamic_shapes=tuple(
                 {0: torch.export.Dim("batch", min=1, max=max_batch)} for _ in examples(1)))
             torch.export.save(program, folder / "quantized.pt2")
         else:
+            register_quantized_ops()
             quantized, fp32, simulated, layers = (torch.export.load(folder / "quantized.pt2").module(),
                                                   meta["fp32_layers"], None, meta["kernels"]["quantized_layers"])
-        with torch._inductor.config.patch(freezing=True):
-            # Inductor's int8 conv layouts break under a symbolic batch (a stride assertion): static buckets.
-            buckets = config.batch_buckets or (default_buckets(max_batch) if backend == "inductor" else None)
+        # Freezing (which fuses the int8 kernels) applies only without autograd: AOTInductor exports
+        # and compiles a graph recorded with grad on as plain fp32 (the pytorch/ao#4566 trap).
+        with torch._inductor.config.patch(freezing=True), torch.no_grad():
+            # Static buckets: under a symbolic batch Inductor's int8 conv layouts break (a stride
+            # assertion) and AOTInductor's int8 program drifts (24 dB SNR where the graph gives 54).
+            buckets = config.batch_buckets or default_buckets(max_batch)
             programs, files = BUILDERS[backend](quantized, examples, max_batch, buckets, folder, meta)
+        lap("compile")
         if backend == "inductor":
             programs = {size: _Freezing(p) for size, p in programs.items()}
         runner = BatchRunner(programs, eager, shape, max_batch)
         kernels = verify_int8(backend, programs, files, folder, examples, layers)
+        lap("verify")
         probe = examples(min(3, max_batch))
         with torch.inference_mode():
             outputs = runner(*probe)
@@ -187,18 +206,21 @@ def _build(handler, eager, backend, config, item, shape, cal_items, gate, extra)
         else:
             torch.save(outputs, folder / "outputs.pt")
             report = {**gate.check(runner).to_dict(), "simulated": simulated.to_dict()}
+            lap("gate")
+    except _GateFailed:
+        raise
     except BaseException:
         if meta is None:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     if meta is None:
         store.commit(folder, {**fields, "files": files, "fp32_layers": fp32, "kernels": kernels, "gate": report,
-                              "compile_seconds": round(time.perf_counter() - started, 3)})
+                              "phases": phases, "compile_seconds": round(time.perf_counter() - started, 3)})
         if not report["passed"]:
             raise _GateFailed(report)
-    log.info("model %s: int8 %s build %s in %.2fs (%d int8 kernels, %d layer(s) in fp32; gate: %s)", spec.name,
-             backend, "loaded" if meta is not None else "made", time.perf_counter() - started, kernels["kernels"],
-             len(fp32), report["reason"])
+    log.info("model %s: int8 %s build %s in %.2fs (%s; %d int8 kernels, %d layer(s) in fp32; gate: %s)", spec.name,
+             backend, "loaded" if meta is not None else "made", time.perf_counter() - started,
+             ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()), kernels["kernels"], len(fp32), report["reason"])
     return CompileResult(runner, backend, "hit" if meta is not None else "miss", runner.warmup_sizes, item,
                          store.path, precision="int8", fp32_layers=tuple(fp32), gate=report)
 

@@ -61,6 +61,15 @@ def _observer(calibration: Calibration) -> Any:
             "percentile": PercentileObserver}[calibration.activations]
 
 
+def register_quantized_ops() -> None:
+    """Register what compiling a saved quantised graph needs: its ``quantized_decomposed`` ops, and the
+    Inductor passes that fuse them into oneDNN int8 kernels (torchao registers those on importing its
+    x86 quantizer). Quantising imports both; a process that only loads a cached graph must ask for them,
+    or its program runs fp32 between quantise steps (``kernels`` then fails the build)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+
 def quantization_config(calibration: Calibration) -> Any:
     """X86InductorQuantizer's static config with the spec's activation observer."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (

@@ -78,6 +78,8 @@ class BatchRunner:
     def __call__(self, *inputs: torch.Tensor) -> Any:
         if tuple(tuple(t.shape[1:]) for t in inputs) != self.item_shapes:
             return self.eager(*inputs)
+        if torch.is_inference_mode_enabled():  # as served: torch.compile guards on it, other tensors recompile
+            inputs = tuple(t if t.is_inference() else t.clone() for t in inputs)
         count = inputs[0].shape[0]
         if count > self.limit:
             parts = [self(*(t[i:i + self.limit] for t in inputs)) for i in range(0, count, self.limit)]

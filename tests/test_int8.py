@@ -208,6 +208,19 @@ def test_a_build_that_fails_its_gate_serves_fp32_with_the_reason_and_the_verdict
     assert (failed[0] / "meta.json").stat().st_mtime_ns == built  # the verdict was read, not measured again
 
 
+def test_the_aot_backend_builds_int8_packages_that_call_int8_kernels_and_match_the_quantised_graph(images, cache):
+    spec = spec_for("ConvNet", images, backend="aot").model_copy(update={"name": "convnet-aot"})
+    result = compile_model(handler_for(ConvNet, spec), spec.compile, CPU)
+    assert result.precision == "int8" and result.backend == "aot", result.precision_reason
+    meta = json.loads((result.artifact / "meta.json").read_text())
+    assert sorted(meta["files"]) == ["1", "2", "4"]  # static buckets: AOTInductor's dynamic int8 program drifts
+    programs = meta["kernels"]["programs"]  # read from the packages' generated C++
+    assert all(kinds.get("qconv_pointwise") == 2 for kinds in programs.values())
+    assert programs["2"].get("qlinear_pointwise") == programs["4"].get("qlinear_pointwise") == 1
+    assert meta["kernels"]["kernels"] == min(sum(kinds.values()) for kinds in programs.values())  # the fewest, reported
+    assert abs(result.gate["value"] - result.gate["simulated"]["value"]) < 3.0  # the package computes what was gated
+
+
 def test_a_compiled_quantised_graph_without_int8_kernels_is_a_failed_build(images):
     """The AOTInductor trap (pytorch/ao#4566): compiled without freezing, the q/dq graph runs fp32 kernels."""
     handler = handler_for(ConvNet, spec_for("ConvNet", images))

@@ -29,6 +29,7 @@ from hybridserve.server import builtin_repository, load_spec
 from hybridserve.server.core.spec import AccuracyGate, Calibration, Compile, ModelSpec, Preprocessing
 from hybridserve.server.engine.dataplane import describe
 from hybridserve.server.engine.runtime import ModelRuntime
+from hybridserve.server.observability import metrics, runtime_metrics
 from hybridserve.server.tasks.classification import ClassificationHandler
 
 torch.set_num_threads(1)
@@ -241,16 +242,21 @@ def test_a_model_with_nothing_to_quantise_serves_fp32_with_the_reason(images, ca
     assert result.precision == "fp32" and "no conv or linear layer" in result.precision_reason
 
 
-def test_the_runtime_reports_the_precision_in_use_and_the_reason(images, cache, tmp_path):
-    served = ModelRuntime(spec_for("ConvNet", images))
+def test_the_runtime_reports_the_precision_in_use_the_reason_and_the_fallback_metric(images, cache, tmp_path):
+    gauge = lambda name: metrics.backend().registry.get_sample_value(  # noqa: E731  (this process's registry)
+        "hybridserve_model_int8_fallback", {"model": name})
+    served = ModelRuntime(spec_for("ConvNet", images), observer=runtime_metrics)
     served.load()
     info = describe(served.spec, served.state())
     assert served.status == "ready", served.reason
     assert info.precision == "int8" and "SNR" in info.precision_reason and info.fp32_layers == []
-    missing = ModelRuntime(spec_for("ConvNet", tmp_path / "absent"))
+    assert gauge("convnet") == 0.0
+    missing = ModelRuntime(spec_for("ConvNet", tmp_path / "absent").model_copy(update={"name": "absent"}),
+                           observer=runtime_metrics)
     missing.load()
     info = describe(missing.spec, missing.state())
     assert missing.status == "ready" and info.precision == "fp32" and "does not exist" in info.precision_reason
+    assert gauge("absent") == 1.0
 
 
 @pytest.mark.slow

@@ -23,8 +23,9 @@ from torch import nn
 from hybridserve.models import LoadedModel
 from hybridserve.server.compiler.compile import compile_model
 from hybridserve.server.compiler.kernels import MissingInt8Kernels, profiled_kernels, verify_int8
-from hybridserve.server.compiler.quantize import export_graph, quantizable_layers, quantize
+from hybridserve.server.compiler.quantize import export_graph, output_snr, quantizable_layers, quantize
 from hybridserve.server.compiler.runner import example_batch, max_relative_error
+from hybridserve.server.compiler.sensitivity import sensitivity
 from hybridserve.server import builtin_repository, load_spec
 from hybridserve.server.core.spec import AccuracyGate, Calibration, Compile, ModelSpec, Preprocessing
 from hybridserve.server.engine.dataplane import describe
@@ -71,6 +72,13 @@ class OutlierNet(ConvNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(F.relu(self.conv2(F.relu(self.conv1(x)) * self.gain)).mean((2, 3)))
+
+
+class ScalarAddNet(ConvNet):
+    """conv2's output plus a Python number right after it (FastViT's pattern, which torchao's annotator asserted on)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(x))) + 0.5).mean((2, 3)))
 
 
 class Elementwise(nn.Module):
@@ -185,12 +193,18 @@ def test_the_sensitivity_pass_keeps_the_layer_that_breaks_the_gate_in_fp32(image
     spec = spec_for("OutlierNet", images)
     handler = handler_for(OutlierNet, spec)
     graph = export_graph(handler.module, example_batch(torch.rand(1, 16, 16), 2, CPU, torch.float32), 4)
-    assert quantizable_layers(graph) == ["conv1", "conv2", "head"]
+    layers = quantizable_layers(graph)
+    assert layers == ["conv1", "conv2", "head"]
+    probe = [example_batch(torch.rand(1, 16, 16) * 2 - 1, 4, CPU, torch.float32)]
+    ranked = dict(sensitivity(graph, quantize(graph, probe, Calibration()), layers, probe))
+    assert list(ranked) == sorted(ranked, key=ranked.get) and next(iter(ranked)) == "conv2"
+    assert ranked["conv2"] < 10 < 20 < min(ranked["conv1"], ranked["head"])  # conv2 alone in int8 breaks the model
+
     result = compile_model(handler, spec.compile, CPU)
     assert result.precision == "int8" and result.fp32_layers == ("conv2",)
     assert result.gate["passed"] and result.gate["simulated"]["passed"]
     meta = json.loads((result.artifact / "meta.json").read_text())
-    assert meta["fp32_layers"] == ["conv2"] and not meta["kernels"]["programs"]["4"].get("qlinear_pointwise") is None
+    assert meta["fp32_layers"] == ["conv2"] and meta["kernels"]["programs"]["4"].get("qlinear_pointwise") == 1
 
 
 def test_a_build_that_fails_its_gate_serves_fp32_with_the_reason_and_the_verdict_is_cached(images, cache, caplog):
@@ -220,6 +234,17 @@ def test_the_aot_backend_builds_int8_packages_that_call_int8_kernels_and_match_t
     assert programs["2"].get("qlinear_pointwise") == programs["4"].get("qlinear_pointwise") == 1
     assert meta["kernels"]["kernels"] == min(sum(kinds.values()) for kinds in programs.values())  # the fewest, reported
     assert abs(result.gate["value"] - result.gate["simulated"]["value"]) < 3.0  # the package computes what was gated
+
+
+def test_a_conv_followed_by_adding_a_number_is_quantised_on_its_own():
+    torch.manual_seed(0)
+    examples = lambda size: (torch.rand(size, 1, 16, 16) * 2 - 1,)  # noqa: E731
+    graph = export_graph(ScalarAddNet().eval(), examples(2), 4)
+    quantized = quantize(graph, [examples(4)], Calibration())
+    per_channel = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    assert sum(node.target == per_channel for node in quantized.graph.nodes) == 3  # both convs and the head
+    batch = examples(4)
+    assert output_snr([graph(*batch)], [quantized(*batch)]) > 20
 
 
 def test_a_compiled_quantised_graph_without_int8_kernels_is_a_failed_build(images):

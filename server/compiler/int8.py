@@ -9,8 +9,8 @@ the fallback chain (``aot``, ``inductor``):
    ``sensitivity`` and keep the 1, 2, 4, ... most sensitive in fp32 until it passes or
    ``accuracy_gate.max_fp32_layers`` is reached;
 2. where the simulated graph passes, compile it with freezing (Inductor fuses the quantise
-   steps into oneDNN int8 kernels), check that the program calls int8 kernels (``kernels``), and run the gate
-   again on the compiled program, the one that will serve;
+   steps into oneDNN int8 kernels), check that the program calls int8 kernels (``kernels``),
+   and run the gate again on the compiled program, the one that will serve;
 3. cache it all under one key (weights, code, shapes, calibration images and settings, gate
    settings and data, torch and torchao versions): a later load reuses the quantised graph,
    the compiled artifact and the gate's verdict, pass or fail.
@@ -34,8 +34,9 @@ from hybridserve.server.compiler.backends import BUILDERS, availability
 from hybridserve.server.compiler.gate import Gate, GateReport, item_batches
 from hybridserve.server.compiler.kernels import MissingInt8Kernels, verify_int8
 from hybridserve.server.compiler.quantize import (
-    export_graph, has_vnni, quantizable_layers, quantize, register_quantized_ops, sensitivity,
+    export_graph, has_vnni, quantizable_layers, quantize, register_quantized_ops,
 )
+from hybridserve.server.compiler.sensitivity import sensitivity
 from hybridserve.server.compiler.runner import (
     BatchRunner, CompileResult, default_buckets, example_batch, max_relative_error,
 )
@@ -88,7 +89,7 @@ def _search(graph: torch.fx.GraphModule, batches: list, probe: list, config: Com
     report = gate.check(serve(quantized))
     fp32: list[str] = []
     if not report.passed and limit > 0:
-        ranked = [name for name, _ in sensitivity(graph, layers, probe, config.calibration)]
+        ranked = [name for name, _ in sensitivity(graph, quantized, layers, probe)]
         keep = 1
         while not report.passed:
             fp32 = ranked[:keep]

@@ -5,8 +5,7 @@ int8 per output channel, symmetric; activations uint8 per tensor with a range fr
 histogram search, min/max or a percentile), calibrated on representative items, and
 converted to a graph of quantise/dequantise pairs around each conv and linear layer, which
 Inductor's freezing passes fuse into oneDNN int8 kernels. ``fp32_layers`` names layers the
-annotator leaves alone (mixed precision); ``sensitivity`` ranks layers by how much their
-int8 version alone hurts the model's outputs, so the gate can keep the worst ones in fp32.
+annotator leaves alone (mixed precision; ``sensitivity`` says which).
 Without VNNI (AVX2-only CPUs) activations use 7 bits, as the quantizer's authors advise.
 """
 
@@ -89,27 +88,50 @@ def export_graph(module: nn.Module, example: Batch, max_batch: int) -> torch.fx.
     return torch.export.export(module, example, dynamic_shapes=dynamic, strict=False).module()
 
 
+def layer_name(node: torch.fx.Node) -> str | None:
+    """The module name of a conv or linear call (``None`` for any other node, or one without a module)."""
+    if node.op != "call_function" or not str(node.target).startswith(LAYER_OPS):
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    return list(stack.values())[-1][0].removeprefix("L['self'].") or None
+
+
 def quantizable_layers(graph: torch.fx.GraphModule) -> list[str]:
     """Names of the conv and linear modules the graph calls, in graph order (the layers int8 can take)."""
     names: list[str] = []
     for node in graph.graph.nodes:
-        if node.op != "call_function" or not str(node.target).startswith(LAYER_OPS):
-            continue
-        stack = node.meta.get("nn_module_stack") or {}
-        if stack:
-            name = list(stack.values())[-1][0].removeprefix("L['self'].")
-            if name and name not in names:
-                names.append(name)
+        name = layer_name(node)
+        if name and name not in names:
+            names.append(name)
     return names
+
+
+@functools.cache
+def _quantizer_class() -> type:
+    """torchao's ``X86InductorQuantizer``, leaving a conv followed by ``+ scalar`` unfused instead of failing.
+
+    torchao asserts that the other input of an add after a conv is a tensor (FastViT adds a
+    Python number there); such a conv is then quantised on its own, as any conv."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+
+    class Quantizer(X86InductorQuantizer):
+        def _get_input_idx_for_binary_node(self, conv_gemm_node, binary_node):
+            args = binary_node.args
+            if any(args[i] is conv_gemm_node and not isinstance(args[1 - i], torch.fx.Node) for i in (0, 1)):
+                return None, None  # the annotator's own answer for "no fusion here"
+            return super()._get_input_idx_for_binary_node(conv_gemm_node, binary_node)
+
+    return Quantizer
 
 
 def quantize(graph: torch.fx.GraphModule, batches: Iterable[Batch], calibration: Calibration,
              fp32_layers: Sequence[str] = ()) -> torch.fx.GraphModule:
     """Annotate, calibrate on ``batches`` and convert; ``fp32_layers`` stay fp32."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
-    quantizer = X86InductorQuantizer().set_global(quantization_config(calibration))
+    quantizer = _quantizer_class()().set_global(quantization_config(calibration))
     for name in fp32_layers:
         quantizer.set_module_name_qconfig(name, None)
     prepared = prepare_pt2e(copy.deepcopy(graph), quantizer)
@@ -131,17 +153,3 @@ def output_snr(reference: Sequence[Any], candidate: Sequence[Any]) -> float:
     if noise == 0:
         return math.inf
     return 10 * math.log10(max(signal, 1e-30) / noise)
-
-
-def sensitivity(graph: torch.fx.GraphModule, layers: Sequence[str], probe: Sequence[Batch],
-                calibration: Calibration) -> list[tuple[str, float]]:
-    """Each layer with the output SNR (dB) of the model where it alone is int8; most sensitive first."""
-    with torch.no_grad():
-        reference = [graph(*batch) for batch in probe]
-    scores = []
-    for layer in layers:
-        others = [name for name in layers if name != layer]
-        single = quantize(graph, probe, calibration, others)
-        with torch.no_grad():
-            scores.append((layer, output_snr(reference, [single(*batch) for batch in probe])))
-    return sorted(scores, key=lambda pair: pair[1])

@@ -30,10 +30,11 @@ test: install promtool
 fuzz: install
 	HF_HUB_OFFLINE=1 HYBRIDSERVE_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q -m "slow" tests/ -k fuzz
 
-# make bench BENCH_ARGS="--quick --only classifier"; the bench extra (LitServe, psutil); BentoML: see docs/performance.md.
+# make bench BENCH_ARGS="--quick --only classifier" (then without the int8 table); the bench extra (LitServe, psutil); BentoML: see docs/performance.md.
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+	$(if $(BENCH_ARGS),,HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.int8 && $(BIN)/python -m benchmarks.int8 --write BENCHMARKS.md)
 
 # Chaos while serving (tests/test_chaos.py: replicas and HAProxy killed under load), a few minutes; .ci/run runs it.
 chaos: install

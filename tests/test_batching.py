@@ -1,14 +1,23 @@
-"""The in-process batcher (used without Ray) and the runtime's batched step."""
+"""The in-process batcher (used without Ray), the runtime's batched step, and where preprocess runs."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+from hybridserve.models import LoadedModel
+from hybridserve.server.core.images import header_pixels
+from hybridserve.server.core.spec import ModelSpec
 from hybridserve.server.engine.batching import AsyncBatcher
+from hybridserve.server.tasks import InferenceRequest
+from hybridserve.server.tasks.classification import ClassificationHandler
 
 
 def recording_model(delay_s: float = 0.01):
@@ -52,6 +61,24 @@ def test_concurrent_items_form_batches_in_order_and_respect_the_maximum():
     assert sum(batches) == 10 and max(batches) == 4 and len(batches) < 10
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_partial_batch_leaves_when_its_wait_is_over_on_either_event_loop(loop):
+    """uvloop (Ray's replicas, ``--no-ray``) may run a timer before its own clock reaches the deadline:
+    the batch must go on the timer's word, or a burst with nothing after it waits for ever."""
+    uvloop = pytest.importorskip("uvloop") if loop == "uvloop" else None
+    run_batch, batches = recording_model(delay_s=0.0)
+    batcher = AsyncBatcher(run_batch, max_batch_size=8, max_wait_ms=3)
+
+    async def bursts():
+        for size in (3, 2, 5) * 20:  # partial batches, one burst at a time, nothing in between
+            assert await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(size))), 5.0) \
+                == [i * 10 for i in range(size)]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
+        runner.run(bursts())
+    assert sum(batches) == 200
+
+
 def test_reconfigure_changes_the_batch_size_in_place():
     run_batch, batches = recording_model()
     batcher = AsyncBatcher(run_batch, max_batch_size=2, max_wait_ms=50)
@@ -81,3 +108,26 @@ def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on():
         return await batcher.submit(5)
 
     assert asyncio.run(scenario()) == 5
+
+
+def test_small_images_preprocess_on_the_event_loop_and_large_ones_on_a_thread():
+    """``Endpoint`` preprocesses inline only where the header says the image is small."""
+    def png(width: int, height: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("L", (width, height), 128).save(buffer, format="PNG")  # flat: a few hundred bytes at any size
+        return buffer.getvalue()
+
+    def handler(input_size):
+        spec = ModelSpec.model_validate({"name": "m", "task": "classification", "architecture": "x",
+                                         "labels": ["a", "b"], "preprocessing": {"input_size": input_size}})
+        return ClassificationHandler(spec, LoadedModel(torch.nn.Identity(), "x"), torch.device("cpu"))
+
+    small, large = png(32, 32), png(4000, 3000)
+    assert header_pixels(small) == 32 * 32 and header_pixels(large) == 12_000_000 and header_pixels(b"junk") is None
+    assert len(large) < 64 * 1024  # few bytes, many pixels: the header decides, not the size on the wire
+    digits = handler([32, 32])
+    assert digits.preprocess_inline(InferenceRequest(small))
+    assert not digits.preprocess_inline(InferenceRequest(large))
+    assert not digits.preprocess_inline(InferenceRequest(b"junk"))  # decode on the thread says what is wrong
+    assert digits.preprocess_inline(InferenceRequest(np.zeros((64, 64, 3), np.uint8)))
+    assert not handler([512, 512]).preprocess_inline(InferenceRequest(small))  # a large model input

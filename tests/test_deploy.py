@@ -27,7 +27,8 @@ from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDepl
 
 from hybridserve.server.cli import deploy_render
 from hybridserve.server.cli.main import build_parser, main
-from hybridserve.server.rayserve.app import HAPROXY_ENV, AppArgs, serve_config
+from hybridserve.server.rayserve.app import HAPROXY_ENV, SERVE_ENV, AppArgs, serve_config
+from hybridserve.server.rayserve.options import combined_options
 from hybridserve.server.repository import builtin_repository, load_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +205,7 @@ def test_builtin_render_serves_every_model_from_its_spec(tmp_path):
     assert by_kind["Service"]["spec"]["ports"][0]["port"] == 8080
     for group in (cluster["headGroupSpec"], cpu):  # every Ray process reads it: HAProxy ingress on every node
         env = {e["name"]: e["value"] for e in _container(group)["env"]}
-        assert env.items() >= HAPROXY_ENV.items(), env
+        assert env.items() >= {**HAPROXY_ENV, **SERVE_ENV}.items(), env
     assert by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]["ray.io/node-type"] == "worker"
 
 
@@ -274,6 +275,9 @@ def test_combined_layout_config_is_one_gateway_with_every_models_resources(tmp_p
     # One replica holds both models: it scales between the largest minimum and maximum any spec asks for.
     assert gateway["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 4}
     assert "user_config" not in gateway  # batching comes from the specs
+    specs = load_repository(repository)
+    assert combined_options(specs, 7)["autoscaling_config"]["min_replicas"] == 7  # --ingress-replicas 7
+    assert combined_options(specs[:1], 3)["num_replicas"] == 3 and combined_options(specs[:1])["num_replicas"] == 1
 
 
 def test_render_warns_about_custom_resources_no_group_offers(tmp_path, capsys):

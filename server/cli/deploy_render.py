@@ -7,7 +7,8 @@
   (``nvidia.com/gpu``, tolerations, node selector) when a model asks for a GPU; Ray's autoscaler
   is on, and worker group bounds follow the replicas the specs ask for; its ``serveService``
   carries HTTP (8000) and gRPC (9000) and always points at the cluster that is serving; every
-  pod's environment turns on Ray Serve's HAProxy ingress (``ray_app.HAPROXY_ENV``);
+  pod's environment turns on Ray Serve's HAProxy ingress and user code on the replicas' loops
+  (``rayserve.app.HAPROXY_ENV``, ``SERVE_ENV``);
 * a headless Service for Ray's Prometheus metrics (8080), a PodDisruptionBudget for the
   workers, a PersistentVolumeClaim for the compile and weights cache, and optionally a
   PodMonitor (prometheus-operator).
@@ -153,8 +154,9 @@ def _resources(size: PodSize) -> dict[str, Any]:
 def pod_template(options: RenderOptions, image: str, role: str, size: PodSize,
                  ports: list[dict[str, Any]]) -> dict[str, Any]:
     """The pod of one Ray node: the image, its resources, cache and repository volumes, probes; its
-    environment turns on HAProxy ingress (every Ray process reads it, so every node sets it)."""
-    from hybridserve.server.rayserve.app import HAPROXY_ENV
+    environment turns on HAProxy ingress and user code on the replicas' loops (every Ray process
+    reads it, so every node sets it)."""
+    from hybridserve.server.rayserve.app import HAPROXY_ENV, SERVE_ENV
 
     mounts = [{"name": "cache", "mountPath": CACHE_ROOT}, {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [
@@ -169,7 +171,7 @@ def pod_template(options: RenderOptions, image: str, role: str, size: PodSize,
         "name": f"ray-{'head' if role == 'head' else 'worker'}",
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "env": [{"name": key, "value": value} for key, value in {**CACHE_ENV, **HAPROXY_ENV}.items()],
+        "env": [{"name": key, "value": value} for key, value in {**CACHE_ENV, **SERVE_ENV, **HAPROXY_ENV}.items()],
         "ports": ports,
         "resources": _resources(size),
         "volumeMounts": mounts,

@@ -119,8 +119,18 @@ def _serve_local(specs, args: argparse.Namespace) -> int:
             if grpc_server is not None:
                 await grpc_server.stop(grace=DRAIN_GRACE_S)
 
-    asyncio.run(serve())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve())
     return 0
+
+
+def _loop_factory():
+    """uvloop's event loop where installed (as Ray Serve's replicas run): less CPU per request than asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "reached once per batch; auto picks combined where the models fit one node "
                               "as one unit (docs/performance.md)")
     serve_p.add_argument("--ingress-replicas", type=int, default=1,
-                         help="Ray, deployments layout: gateway replicas that parse, decode and batch")
+                         help="Ray: gateway replicas, each its own process that parses HTTP and gRPC, decodes and "
+                              "batches (combined layout: each also holds every model)")
     serve_p.add_argument("--verbose", action="store_true")
     serve_p.add_argument("--log-format", choices=LOG_FORMATS, help=f"log lines as text or JSON (default: ${LOG_FORMAT_ENV} or text)")
     serve_p.add_argument("--metrics-export-port", type=int, default=8080,

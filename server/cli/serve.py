@@ -45,9 +45,10 @@ def serve_ray(repository: str, specs, args: argparse.Namespace, banner) -> int:
     import ray
     from ray import serve
 
-    # A local cluster gets enough logical CPUs for every replica; torch threads follow each spec.
-    wanted = sum(spec.device.cpus * (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas)
-                 for spec in specs)
+    # A local cluster gets enough logical CPUs for every replica (combined: every gateway replica
+    # asks for all the models' CPUs); torch threads follow each spec.
+    wanted = args.ingress_replicas * sum(
+        spec.device.cpus * (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas) for spec in specs)
     num_cpus = None if args.address else max(os.cpu_count() or 1, int(wanted + 0.999) + 1)
     ray.init(address=args.address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=args.verbose,
              configure_logging=True, logging_level=logging.INFO if args.verbose else logging.WARNING,

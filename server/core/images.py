@@ -65,6 +65,17 @@ def decode_image(data: bytes, color: str = "rgb", limits: ImageLimits | None = N
         raise UnprocessableImage(f"{field}: the image is corrupt or truncated ({exc})") from None
 
 
+def header_pixels(data: bytes) -> int | None:
+    """Width x height as an encoded image's header says (nothing decoded); ``None`` where it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size[0] * image.size[1]
+    except Exception:  # decode_image says what is wrong with it
+        return None
+
+
 def _to_array(image: Image.Image, color: str) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         wide = np.asarray(image, dtype=np.int64)

@@ -1,7 +1,7 @@
 """Endpoint: one model's per-request pipeline, wherever its requests arrive.
 
-``infer`` reads top to bottom: admit (the queue bound) → preprocess (per request, off the event
-loop) → its items join the batcher → the batch runs where the model computes → postprocess (per
+``infer`` reads top to bottom: admit (the queue bound) → preprocess (per request; off the event
+loop unless the image is small, ``TaskHandler.preprocess_inline``) → its items join the batcher → the batch runs where the model computes → postprocess (per
 request) → a neutral output with its timings. The batcher is in-process (``AsyncBatcher`` over a
 ``ModelRuntime`` here) or in front of a Ray hop (``rayserve.remote``); the endpoint does not care
 which. A ``ModelSource`` tells it how the model stands and gives it the task handler for pre- and
@@ -78,7 +78,10 @@ class Endpoint:
         """One request through the pipeline; ``deadline`` (``time.monotonic``) rides on its items."""
         handler = await self._handler()
         started = time.perf_counter()
-        prepared = await asyncio.to_thread(handler.preprocess, request)
+        if handler.preprocess_inline(request):  # a small image: cheaper here than a thread hop
+            prepared = handler.preprocess(request)
+        else:
+            prepared = await asyncio.to_thread(handler.preprocess, request)
         preprocessed = time.perf_counter()
         count = len(prepared.items)
         if self.in_flight_items + count > self.max_queue and self.in_flight_items > 0:

@@ -84,11 +84,16 @@ class PrometheusClientBackend:
 class RayServeBackend:
     """The families as ``ray.serve.metrics``: exported by each node's Ray metrics agent.
 
-    Ray's export drops a gauge series that was not set again within two report intervals (20 s by
-    default), so a thread sets every gauge series again each ``GAUGE_REFRESH_S``: a model that is
-    ready stays ready in Prometheus until its replica is gone.
+    Ray exports every ``report interval`` (10 s by default), so recording each request's gauge
+    and counter changes straight into Ray (a tag check and a call into its C++ core each) buys
+    nothing but per-request CPU: gauges keep their latest value and counters their sum here, and
+    a thread hands them to Ray every ``FLUSH_S``. Histograms keep every observation and go at
+    once. Ray's export also drops a gauge series that was not set again within two report
+    intervals, so the thread sets every gauge series again each ``GAUGE_REFRESH_S``: a model
+    that is ready stays ready in Prometheus until its replica is gone.
     """
 
+    FLUSH_S = 1.0
     GAUGE_REFRESH_S = 5.0
 
     def __init__(self):
@@ -103,29 +108,49 @@ class RayServeBackend:
                 metric = cls(family.name, family.help, family.labels)
             self.metrics[family.name] = metric
         self._gauges: dict[tuple, tuple[Family, float, dict[str, str]]] = {}
-        self._gauges_lock = threading.Lock()
-        threading.Thread(target=self._refresh_gauges, name="hybridserve-gauges", daemon=True).start()
+        self._changed: set[tuple] = set()
+        self._counts: dict[tuple, tuple[Family, float, dict[str, str]]] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._flush_forever, name="hybridserve-metrics", daemon=True).start()
 
     def record(self, family: Family, value: float, labels: dict[str, str]) -> None:
-        getattr(self.metrics[family.name], _VERBS[family.kind])(value, tags=labels)
-        if family.kind == "gauge":
-            with self._gauges_lock:
-                self._gauges[(family.name, *sorted(labels.items()))] = (family, value, labels)
+        if family.kind == "histogram":
+            self.metrics[family.name].observe(value, tags=labels)
+            return
+        key = (family.name, *labels.items())
+        with self._lock:
+            if family.kind == "gauge":
+                self._gauges[key] = (family, value, labels)
+                self._changed.add(key)
+            else:
+                _, total, _ = self._counts.get(key, (family, 0.0, labels))
+                self._counts[key] = (family, total + value, labels)
 
     def declare(self, family: Family, labels: dict[str, str]) -> None:
         # Ray's public ``inc`` refuses 0; its ``_record`` adds 0 to the series with the replica's tags.
         self.metrics[family.name]._record(0.0, tags=labels)
 
-    def _refresh_gauges(self) -> None:
+    def flush(self, every_gauge: bool = False) -> None:
+        """Hand the buffered counters and the changed gauges (``every_gauge``: all of them) to Ray."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+            keys = list(self._gauges) if every_gauge else list(self._changed)
+            gauges = [self._gauges[key] for key in keys]
+            self._changed.clear()
+        for family, value, labels in [*counts.values(), *gauges]:
+            try:
+                getattr(self.metrics[family.name], _VERBS[family.kind])(value, tags=labels)
+            except Exception:  # keep flushing the others
+                log.exception("recording %s failed", family.name)
+
+    def _flush_forever(self) -> None:
+        last_refresh = time.monotonic()
         while True:
-            time.sleep(self.GAUGE_REFRESH_S)
-            with self._gauges_lock:
-                current = list(self._gauges.values())
-            for family, value, labels in current:
-                try:
-                    self.metrics[family.name].set(value, tags=labels)
-                except Exception:  # keep refreshing the others
-                    log.exception("refreshing %s failed", family.name)
+            time.sleep(self.FLUSH_S)
+            refresh = time.monotonic() - last_refresh >= self.GAUGE_REFRESH_S
+            if refresh:
+                last_refresh = time.monotonic()
+            self.flush(every_gauge=refresh)
 
 
 _backend: PrometheusClientBackend | RayServeBackend | None = None

@@ -43,12 +43,12 @@ def _assigned_cpus(default: float) -> float:
 class ModelDeployment:
     """One replica of one model: where its batches compute."""
 
-    def __init__(self, spec: ModelSpec, device: str | None = None):
+    async def __init__(self, spec: ModelSpec, device: str | None = None):
         metrics.instrument_ray_replica()
         configure_threads(_assigned_cpus(spec.device.cpus))
         self.spec = spec
         self.runtime = ModelRuntime(spec, device, Settings.from_env().limits, runtime_metrics)
-        self.runtime.load()
+        await asyncio.to_thread(self.runtime.load)  # the replica's loop stays free for Serve's calls
         # Batches run on their own thread, one at a time, while the replica's loop takes the next call.
         self._batch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
 
@@ -94,10 +94,13 @@ class Gateway(_Ingress):
 class CombinedGateway(_Ingress):
     """Ingress of the ``combined`` layout: every model loaded and batched in this replica."""
 
-    def __init__(self, specs: list[ModelSpec], device: str | None = None):
+    async def __init__(self, specs: list[ModelSpec], device: str | None = None):
         metrics.instrument_ray_replica()
         # Each model's batches run on their own thread, concurrently: each gets its own spec's threads.
         configure_threads(max(spec.device.cpus for spec in specs))
         settings = Settings.from_env()
         self.specs = specs
-        self.init_services(local_plane(specs, device, settings.limits, runtime_metrics), settings)
+        # Loading takes minutes: on a thread, so the replica's loop (which runs user code too,
+        # app.SERVE_ENV) keeps answering Serve's calls meanwhile.
+        plane = await asyncio.to_thread(local_plane, specs, device, settings.limits, runtime_metrics)
+        self.init_services(plane, settings)

@@ -45,12 +45,12 @@ def _actor_options(cpus: float, gpus: float, resources: dict[str, float]) -> dic
     return actor
 
 
-def _scaling_options(specs: list[ModelSpec]) -> dict[str, Any]:
+def _scaling_options(specs: list[ModelSpec], least: int = 1) -> dict[str, Any]:
     """Replicas of a deployment that serves ``specs``: the largest count or autoscaling bounds any asks for."""
     scaled = [spec.autoscaling for spec in specs if spec.autoscaling is not None]
     if not scaled:
-        return {"num_replicas": max(spec.replicas for spec in specs)}
-    fixed = [spec.replicas for spec in specs if spec.autoscaling is None]
+        return {"num_replicas": max(least, *(spec.replicas for spec in specs))}
+    fixed = [least] + [spec.replicas for spec in specs if spec.autoscaling is None]
     return {"autoscaling_config": {
         "min_replicas": max([a.min_replicas for a in scaled] + fixed),
         "max_replicas": max([a.max_replicas for a in scaled] + fixed),
@@ -75,8 +75,9 @@ def deployment_options(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def combined_options(specs: list[ModelSpec]) -> dict[str, Any]:
-    """Ray Serve options of the combined gateway: the sum of its models' resources and queues."""
+def combined_options(specs: list[ModelSpec], replicas: int = 1) -> dict[str, Any]:
+    """Ray Serve options of the combined gateway: the sum of its models' resources and queues; at
+    least ``replicas`` replicas (each a whole server: HTTP, decoding and every model)."""
     resources: dict[str, float] = {}
     for spec in specs:
         for key, amount in spec.device.resources.items():
@@ -87,5 +88,5 @@ def combined_options(specs: list[ModelSpec]) -> dict[str, Any]:
         "max_ongoing_requests": sum(_max_ongoing(spec) for spec in specs),
         "health_check_period_s": 5,
         "graceful_shutdown_timeout_s": 20,
-        **_scaling_options(specs),
+        **_scaling_options(specs, replicas),
     }

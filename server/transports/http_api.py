@@ -244,7 +244,7 @@ def create_http_app(plane: DataPlane, settings: Settings, *, echo_request_id: bo
     return app
 
 
-def query_options(
+async def query_options(  # async: FastAPI would run a plain function on its thread pool, per request
     top_k: int | None = Query(None, ge=1, le=1000, description="Classification: how many classes (default 5)."),
     score_threshold: float | None = Query(None, ge=0.0, le=1.0, description="Detection: minimum score (default 0.3)."),
     max_detections: int | None = Query(None, ge=1, le=1000, description="Detection: at most this many (default 100)."),

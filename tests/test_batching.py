@@ -61,6 +61,22 @@ def test_concurrent_items_form_batches_in_order_and_respect_the_maximum():
     assert sum(batches) == 10 and max(batches) == 4 and len(batches) < 10
 
 
+def test_half_a_batch_starts_at_once_on_an_idle_model_and_the_rest_forms_behind_it():
+    """The model and the event loop work side by side: a burst's first half computes while the loop
+    queues the rest, which goes as the next batch; nobody waits for the (long) wait budget."""
+    run_batch, batches = recording_model(delay_s=0.05)
+    batcher = AsyncBatcher(run_batch, max_batch_size=8, max_wait_ms=60_000)
+
+    async def scenario():
+        first = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
+        await asyncio.sleep(0)  # half a batch queued, the model idle: it goes now
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(4, 12)]  # queued while it computes
+        return await asyncio.wait_for(asyncio.gather(*first, *rest), 5.0)
+
+    assert asyncio.run(scenario()) == [i * 10 for i in range(12)]
+    assert batches == [4, 8]
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_partial_batch_leaves_when_its_wait_is_over_on_either_event_loop(loop):
     """uvloop (Ray's replicas, ``--no-ray``) may run a timer before its own clock reaches the deadline:

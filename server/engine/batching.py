@@ -2,7 +2,11 @@
 
 Items wait until ``max_batch_size`` are queued or the oldest has waited ``max_wait_ms``; when the
 queue is empty and nothing is computing, a lone item goes at once (no fixed wait at
-concurrency 1). A formed batch is handed to ``execute``, an awaitable that runs it *somewhere*:
+concurrency 1), and while nothing computes half a batch goes as soon as it is queued, from the
+request that completes it: the rest forms the next batch while this one computes, so the
+model and the event loop (parsing, preprocess, answers) work side by side instead of taking
+turns. A formed batch is handed to ``execute``, which starts it *somewhere* and returns an
+awaitable of its results:
 
 * ``AsyncBatcher`` (in-process): the model's forward on the batcher's own thread, one batch at a
   time, so the event loop keeps decoding and queueing the next batch meanwhile;
@@ -55,25 +59,41 @@ class Batcher:
         self._queue.append((entry, future, now))
         if self.controller is not None:
             self.controller.arrival(now)
+        if self._ready_now():  # start it here: behind the loop's other ready tasks it would start late
+            self._dispatch()
         self._wakeup.set()
         return await future
 
     async def _loop(self) -> None:
+        """Batches that wait: for the wait budget, or for room while one computes."""
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue and self._room():
                 await self._fill()
-                waiting = len(self._queue)
-                batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size:]
-                batch = [(e, f, t) for e, f, t in batch if not f.cancelled()]
-                if not batch:
-                    continue
-                task = asyncio.get_running_loop().create_task(self._run(batch, waiting))
-                self._in_flight.add(task)
-                task.add_done_callback(self._finished)
-                if self.max_in_flight == 1:
-                    await asyncio.wait({task})
+                if self._queue and self._room():
+                    self._dispatch()
+                if self.max_in_flight == 1 and self._in_flight:
+                    await asyncio.wait(set(self._in_flight))
+
+    def _ready_now(self) -> bool:
+        """A batch may go without waiting: a full one where there is room, or half of one on an idle model."""
+        queued = len(self._queue)
+        if not self._in_flight:
+            return queued >= max(2, (self.max_batch_size + 1) // 2) or queued >= self.max_batch_size
+        return self._room()
+
+    def _dispatch(self) -> None:
+        """Start the next batch now (up to ``max_batch_size`` queued items, cancelled ones dropped)."""
+        waiting = len(self._queue)
+        batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size:]
+        batch = [(e, f, t) for e, f, t in batch if not f.cancelled()]
+        if not batch:
+            return
+        results = self._execute([e for e, _, _ in batch])
+        task = asyncio.get_running_loop().create_task(self._run(batch, waiting, results))
+        self._in_flight.add(task)
+        task.add_done_callback(self._finished)
 
     def _room(self) -> bool:
         """Another batch may go: none is in flight, or a full batch waits and the limit allows it.
@@ -86,13 +106,16 @@ class Batcher:
 
     def _finished(self, task: asyncio.Task) -> None:
         self._in_flight.discard(task)
+        if self._queue and self._ready_now() and not task.cancelled():
+            self._dispatch()
         if self._wakeup is not None:
             self._wakeup.set()  # room for the next batch
 
-    async def _run(self, batch: list[tuple[Any, asyncio.Future, float]], waiting: int) -> None:
+    async def _run(self, batch: list[tuple[Any, asyncio.Future, float]], waiting: int,
+                   pending: Awaitable[Sequence[Any]]) -> None:
         started = time.monotonic()
         try:
-            results = await self._execute([e for e, _, _ in batch])
+            results = await pending
         except asyncio.CancelledError:  # the batcher stops: nobody is left waiting
             for _, future, _ in batch:
                 future.cancel()
@@ -118,7 +141,7 @@ class Batcher:
         size = len(self._queue)
         # Yield once so requests already in flight on the loop can join this batch.
         await asyncio.sleep(0)
-        while len(self._queue) < self.max_batch_size:
+        while len(self._queue) < self.max_batch_size and self._room():
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (size == 1 and len(self._queue) == 1 and not self._in_flight):
                 return
@@ -140,7 +163,7 @@ class AsyncBatcher(Batcher):
                  latency_slo_ms: float | None = None):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
 
-        async def execute(entries: list[Any]) -> Sequence[Any]:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, run_batch, entries)
+        def execute(entries: list[Any]) -> Awaitable[Sequence[Any]]:  # starts on the thread at once
+            return asyncio.get_running_loop().run_in_executor(self._thread, run_batch, entries)
 
         super().__init__(execute, max_batch_size, max_wait_ms, latency_slo_ms)

@@ -15,7 +15,7 @@ from PIL import Image
 from hybridserve.models import LoadedModel
 from hybridserve.server.core.images import header_pixels
 from hybridserve.server.core.spec import ModelSpec
-from hybridserve.server.engine.batching import AsyncBatcher
+from hybridserve.server.engine.batching import AsyncBatcher, Batcher
 from hybridserve.server.tasks import InferenceRequest
 from hybridserve.server.tasks.classification import ClassificationHandler
 
@@ -75,6 +75,32 @@ def test_half_a_batch_starts_at_once_on_an_idle_model_and_the_rest_forms_behind_
 
     assert asyncio.run(scenario()) == [i * 10 for i in range(12)]
     assert batches == [4, 8]
+
+
+def test_before_a_hop_a_second_half_batch_travels_while_one_computes():
+    """``RayBatcher``'s two batches in flight: half a batch is enough to go behind a running one."""
+    running, most, batches = [0], [0], []
+
+    async def execute(items):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        batches.append(len(items))
+        await asyncio.sleep(0.05)
+        running[0] -= 1
+        return [item * 10 for item in items]
+
+    batcher = Batcher(execute, max_batch_size=8, max_wait_ms=200, max_in_flight=2)
+
+    async def scenario():
+        first = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
+        await asyncio.sleep(0)
+        second = [asyncio.ensure_future(batcher.submit(i)) for i in range(4, 8)]
+        await asyncio.sleep(0)
+        third = [asyncio.ensure_future(batcher.submit(i)) for i in range(8, 10)]  # no room: waits for one
+        return await asyncio.wait_for(asyncio.gather(*first, *second, *third), 5.0)
+
+    assert asyncio.run(scenario()) == [i * 10 for i in range(10)]
+    assert batches == [4, 4, 2] and most[0] == 2
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

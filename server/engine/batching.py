@@ -11,7 +11,7 @@ awaitable of its results:
 * ``AsyncBatcher`` (in-process): the model's forward on the batcher's own thread, one batch at a
   time, so the event loop keeps decoding and queueing the next batch meanwhile;
 * ``rayserve.remote.RayBatcher``: one Ray handle call per batch to the model's deployment (the
-  per-batch hop); a second, full batch may travel while one computes, so under load the replica
+  per-batch hop); a second batch (half a batch or more) may travel while one computes, so under load the replica
   does not wait on the network.
 
 With ``latency_slo_ms`` an ``AdaptiveBatchController`` re-chooses the batch size and wait after
@@ -78,10 +78,12 @@ class Batcher:
 
     def _ready_now(self) -> bool:
         """A batch may go without waiting: a full one where there is room, or half of one on an idle model."""
-        queued = len(self._queue)
         if not self._in_flight:
-            return queued >= max(2, (self.max_batch_size + 1) // 2) or queued >= self.max_batch_size
+            return len(self._queue) >= self._half()
         return self._room()
+
+    def _half(self) -> int:
+        return min(self.max_batch_size, max(2, (self.max_batch_size + 1) // 2))
 
     def _dispatch(self) -> None:
         """Start the next batch now (up to ``max_batch_size`` queued items, cancelled ones dropped)."""
@@ -96,13 +98,13 @@ class Batcher:
         task.add_done_callback(self._finished)
 
     def _room(self) -> bool:
-        """Another batch may go: none is in flight, or a full batch waits and the limit allows it.
+        """Another batch may go: none is in flight, or half a batch waits and the limit allows it.
 
-        Only full batches overtake a running one: a lone item waits here, where its request's
+        Only half batches or more overtake a running one: a lone item waits here, where its request's
         cancellation or deadline can still drop it, rather than in the model's queue."""
         if not self._in_flight:
             return True
-        return len(self._in_flight) < self.max_in_flight and len(self._queue) >= self.max_batch_size
+        return len(self._in_flight) < self.max_in_flight and len(self._queue) >= self._half()
 
     def _finished(self, task: asyncio.Task) -> None:
         self._in_flight.discard(task)

@@ -1,7 +1,7 @@
 """Structured logs: a request id on every line about a request, one INFO line per request, JSON optional.
 
 The request id comes from ``X-Request-ID`` (or a W3C ``traceparent``'s trace id) or is generated;
-HTTP's ``RequestIdMiddleware`` (``transports/http_base.py``) settles it in-process; under Ray Serve the proxy has already settled it and carries it to every replica in Serve's request
+HTTP's ``RequestMiddleware`` (``transports/middleware.py``) settles it in-process; under Ray Serve the proxy has already settled it and carries it to every replica in Serve's request
 context, which ``current_request_id`` falls back to. ``configure_logging`` installs one handler on
 the ``hybridserve`` logger: text (default) or JSON lines (``--log-format json`` or
 ``HYBRIDSERVE_LOG_FORMAT=json``). Request lines carry names, statuses and timings, never image data.

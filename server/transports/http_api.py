@@ -4,7 +4,7 @@ Routes: ``POST /v1/models/{name}/{verb}``, one per task of the registry (raw ima
 field ``image`` [+ ``reference``], or JSON with base64), ``GET /v1/models[/{name}]``,
 ``GET /healthz`` and ``GET /readyz``. Every error leaves as ``{"error": {"code", "message"}}``
 with the status from the error table. A request whose client disconnects before its answer is
-cancelled (``CancelOnDisconnect``), which drops its items from the batch queue.
+cancelled (``transports.middleware``), which drops its items from the batch queue.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.core.errors import HybridServeError, InvalidInput, UnsupportedMediaType, as_hybridserve_error
 from hybridserve.server.core.settings import Settings
 from hybridserve.server.tasks import TASKS, InferenceRequest, Options, Task
-from hybridserve.server.transports.auth import AuthMiddleware, AuthPolicy
+from hybridserve.server.transports.auth import AuthPolicy
 from hybridserve.server.transports.http_base import (
-    CancelOnDisconnect, RequestIdMiddleware, error_response, read_body, request_id_of, request_timeout,
+    error_response, read_body, request_id_of, request_timeout,
 )
+from hybridserve.server.transports.middleware import RequestMiddleware
 from hybridserve.server.transports.oip_http import oip_router
 
 log = logging.getLogger("hybridserve.http")
@@ -146,12 +147,9 @@ def create_http_app(plane: DataPlane, settings: Settings, *, echo_request_id: bo
         redoc_url=None,
     )
     app.state.plane = plane
-    app.add_middleware(CancelOnDisconnect)  # innermost: the request id is still bound when it logs the 499
-    policy = AuthPolicy.from_settings(settings)
-    if policy.enabled:
-        app.add_middleware(AuthMiddleware, policy=policy)
-    if echo_request_id:  # in-process; under Ray Serve its proxy settles and returns the id
-        app.add_middleware(RequestIdMiddleware)
+    # Request id (in-process; under Ray Serve its proxy settles and returns it), auth and the
+    # disconnect watch, in one layer.
+    app.add_middleware(RequestMiddleware, policy=AuthPolicy.from_settings(settings), echo_request_id=echo_request_id)
     if settings.cors_origins:  # off unless configured; outermost, so preflights need no key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Request-ID", "X-Batch-Size"])

@@ -77,10 +77,9 @@ class Batcher:
                     await asyncio.wait(set(self._in_flight))
 
     def _ready_now(self) -> bool:
-        """A batch may go without waiting: a full one where there is room, or half of one on an idle model."""
-        if not self._in_flight:
-            return len(self._queue) >= self._half()
-        return self._room()
+        """A batch may go without waiting: half a batch is queued, and the model is idle or the
+        in-flight limit allows one more."""
+        return len(self._queue) >= self._half() and len(self._in_flight) < self.max_in_flight
 
     def _half(self) -> int:
         return min(self.max_batch_size, max(2, (self.max_batch_size + 1) // 2))

@@ -174,6 +174,28 @@ def test_assess_no_reference(client, server):
     assert result.kind == "no-reference" and result.range[0] <= result.score <= result.range[1]
 
 
+def test_the_direct_route_answers_as_the_routes_do(client, server):
+    """Inference without a query string skips FastAPI's routing (transports/http_api._direct_inference);
+    with one it goes through the routes. Both give the same answer, headers and errors."""
+    server.need("classifier")
+    image = photo((32, 32))
+    headers = {"Content-Type": "image/png"}
+    direct = client.post("/v1/models/classifier/classify", content=image, headers=headers)
+    routed = client.post("/v1/models/classifier/classify", content=image, headers=headers, params={"top_k": 5})
+    assert direct.status_code == routed.status_code == 200
+    assert direct.json() == routed.json()
+    for response in (direct, routed):
+        assert response.headers["x-batch-size"].isdigit() and "compute;dur=" in response.headers["server-timing"]
+        assert response.headers["x-request-id"]
+    missing = client.post("/v1/models/no-such-model/classify", content=image, headers=headers)
+    assert missing.status_code == 404 and error_of(missing) == "model_not_found"
+    # Not the hot path's shape: the routes answer (a trailing slash is redirected, an unknown verb is not found).
+    assert client.post("/v1/models/classifier/classify/", content=image, headers=headers).status_code == 307
+    assert client.post("/v1/models/classifier/no-such-verb", content=image, headers=headers).status_code == 404
+    invalid = client.post("/v1/models/classifier/classify", content=image, headers=headers, params={"top_k": 0})
+    assert invalid.status_code == 400 and error_of(invalid) == "invalid_input" and "top_k" in invalid.text
+
+
 # ------------------------------------------------------------------ errors
 
 

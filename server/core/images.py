@@ -65,8 +65,14 @@ def decode_image(data: bytes, color: str = "rgb", limits: ImageLimits | None = N
         raise UnprocessableImage(f"{field}: the image is corrupt or truncated ({exc})") from None
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def header_pixels(data: bytes) -> int | None:
     """Width x height as an encoded image's header says (nothing decoded); ``None`` where it cannot be read."""
+    if len(data) >= 24 and data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":  # PNG: the size at a fixed offset
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -131,6 +137,8 @@ def resize_for_model(array: np.ndarray, size: tuple[int, int], policy: str, fill
             from hybridserve.server.core.errors import InvalidInput
 
             raise InvalidInput(f"image must be exactly {target_w}x{target_h} pixels, got {width}x{height}")
+        return array, Placement(1.0, 1.0)
+    if (height, width) == (target_h, target_w):  # every policy leaves an image of the model's size as it is
         return array, Placement(1.0, 1.0)
     image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     if policy == "stretch":

@@ -64,13 +64,18 @@ class PrometheusClientBackend:
 
         self.registry = pc.CollectorRegistry()
         self.metrics: dict[str, Any] = {}
+        self._recorders: dict[tuple, Any] = {}
         for family in FAMILIES:
             extra = {"buckets": family.buckets} if family.kind == "histogram" else {}
             cls = {"counter": pc.Counter, "gauge": pc.Gauge, "histogram": pc.Histogram}[family.kind]
             self.metrics[family.name] = cls(family.name, family.help, family.labels, registry=self.registry, **extra)
 
     def record(self, family: Family, value: float, labels: dict[str, str]) -> None:
-        getattr(self.metrics[family.name].labels(**labels), _VERBS[family.kind])(value)
+        key = (family.name, *labels.items())  # a series' recorder, looked up once (labels() costs per call)
+        recorder = self._recorders.get(key)
+        if recorder is None:
+            recorder = self._recorders[key] = getattr(self.metrics[family.name].labels(**labels), _VERBS[family.kind])
+        recorder(value)
 
     def declare(self, family: Family, labels: dict[str, str]) -> None:
         self.metrics[family.name].labels(**labels)
@@ -175,6 +180,8 @@ def instrument_ray_replica() -> None:
 
 def backend() -> PrometheusClientBackend | RayServeBackend:
     global _backend
+    if _backend is not None:
+        return _backend
     with _backend_lock:
         if _backend is None:
             _backend = PrometheusClientBackend()

@@ -32,7 +32,7 @@ from hybridserve.server.transports.auth import AuthPolicy
 from hybridserve.server.transports.http_base import (
     error_response, read_body, request_id_of, request_timeout,
 )
-from hybridserve.server.transports.middleware import RequestMiddleware
+from hybridserve.server.transports.middleware import RequestMiddleware, route_path
 from hybridserve.server.transports.oip_http import oip_router
 
 log = logging.getLogger("hybridserve.http")
@@ -147,13 +147,6 @@ def create_http_app(plane: DataPlane, settings: Settings, *, echo_request_id: bo
         redoc_url=None,
     )
     app.state.plane = plane
-    # Request id (in-process; under Ray Serve its proxy settles and returns it), auth and the
-    # disconnect watch, in one layer.
-    app.add_middleware(RequestMiddleware, policy=AuthPolicy.from_settings(settings), echo_request_id=echo_request_id)
-    if settings.cors_origins:  # off unless configured; outermost, so preflights need no key
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["X-Request-ID", "X-Batch-Size"])
-    app.include_router(oip_router(plane, settings))
 
     @app.exception_handler(HybridServeError)
     async def _typed(request: Request, exc: HybridServeError):
@@ -199,6 +192,15 @@ def create_http_app(plane: DataPlane, settings: Settings, *, echo_request_id: bo
         response = _result_response(TASKS[spec.task], spec, parsed, outcome.result, request, headers)
         return seen.answered(response, [outcome])
 
+    # Request id (in-process; under Ray Serve its proxy settles and returns it), auth, the
+    # disconnect watch and the direct inference route, in one layer.
+    app.add_middleware(RequestMiddleware, policy=AuthPolicy.from_settings(settings), echo_request_id=echo_request_id,
+                       direct=_direct_inference(infer, echo_request_id))
+    if settings.cors_origins:  # off unless configured; outermost, so preflights need no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "X-Batch-Size"])
+    app.include_router(oip_router(plane, settings))
+
     body_doc = {
         "requestBody": {
             "required": True,
@@ -240,6 +242,39 @@ def create_http_app(plane: DataPlane, settings: Settings, *, echo_request_id: bo
         return metrics.metrics_response()
 
     return app
+
+
+def _direct_inference(infer, echo_request_id: bool):
+    """The hot path past FastAPI's routing and dependency solving: ``POST /v1/models/{name}/{verb}``
+    without a query string runs the routes' own ``infer`` with default options (a query string
+    goes through the routes, which validate it). Errors answer as the app's exception handlers do."""
+    verbs = frozenset(task.verb for task in TASKS.values())
+    defaults = Options()
+
+    async def answer(scope: dict, receive: Any, send: Any) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await infer(request, scope["path_params"]["name"], scope["path_params"]["verb"], defaults)
+        except HybridServeError as exc:
+            response = error_response(exc, request.headers.get("x-request-id") if echo_request_id else None)
+        except Exception as exc:
+            log.exception("unexpected error")
+            response = error_response(as_hybridserve_error(exc))
+        await response(scope, receive, send)
+
+    def direct(scope: dict):
+        if scope["method"] != "POST" or scope.get("query_string"):
+            return None
+        path = route_path(scope)
+        if not path.startswith("/v1/models/"):
+            return None
+        parts = path[len("/v1/models/"):].split("/")
+        if len(parts) != 2 or not parts[0] or parts[1] not in verbs:
+            return None
+        scope["path_params"] = {"name": parts[0], "verb": parts[1]}
+        return answer
+
+    return direct
 
 
 async def query_options(  # async: FastAPI would run a plain function on its thread pool, per request

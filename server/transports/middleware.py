@@ -15,6 +15,10 @@ Per HTTP request, in this order:
    starts cancels the request's task. A cancelled request leaves no answer, a 499 in the request
    log and metrics, and no error; its queued items are dropped before compute.
 
+4. **Direct routes**: ``direct(scope)`` may name a handler that answers the request itself,
+   past the framework's routing (``http_api``: inference without a query string, the hot path);
+   otherwise the app routes it.
+
 One layer, not three: each layer costs calls and a wrapped ``send`` per message on every request.
 """
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from starlette.datastructures import MutableHeaders
 
@@ -35,11 +39,16 @@ from hybridserve.server.transports.http_base import error_response
 log = logging.getLogger("hybridserve.http")
 
 
+ASGIApp = Callable[[dict, Any, Any], Awaitable[None]]
+
+
 class RequestMiddleware:
-    def __init__(self, app: Any, policy: AuthPolicy, echo_request_id: bool = True):
+    def __init__(self, app: Any, policy: AuthPolicy, echo_request_id: bool = True,
+                 direct: Callable[[dict], ASGIApp | None] | None = None):
         self.app = app
         self.policy = policy
         self.echo_request_id = echo_request_id
+        self.direct = direct
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -53,7 +62,7 @@ class RequestMiddleware:
             send = _answering_with_id(send, request_id)
             token = bind_request_id(request_id)
         try:
-            if not self.policy.is_open(_route_path(scope)):
+            if not self.policy.is_open(route_path(scope)):
                 try:
                     self.policy.check([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])])
                 except Unauthenticated as exc:
@@ -93,8 +102,9 @@ class RequestMiddleware:
             responding = responding or message["type"] == "http.response.start"
             await send(message)
 
+        app = (self.direct and self.direct(scope)) or self.app
         try:
-            await self.app(scope, receive_then_watch, send_noting_start)
+            await app(scope, receive_then_watch, send_noting_start)
         except asyncio.CancelledError:
             metrics.request_cancelled()
             if client_gone and task.uncancel() == 0:  # only this watcher cancelled it: nothing more to do
@@ -117,7 +127,7 @@ def _answering_with_id(send: Any, request_id: str) -> Any:
     return send_with_id
 
 
-def _route_path(scope: dict) -> str:
+def route_path(scope: dict) -> str:
     path = scope.get("path", "")
     root = scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path

@@ -2,8 +2,9 @@
 
 Per workload: in-process limit and compile table first (no server running), then cold/warm
 start in fresh processes, then every server started together and measured in interleaved
-rounds (each round visits every server at every concurrency, the order rotating), then
-stopped. The load generator (aiohttp, this process) and the servers share the machine's
+rounds (each round visits every server at every concurrency, the order rotating), each with
+the other servers paused (SIGSTOP: an idle Ray cluster alone takes about 13% of a core here),
+then stopped. The load generator (aiohttp, this process) and the servers share the machine's
 CPUs; every server and the in-process measurements run the spec's ``device.cpus`` torch threads.
 """
 
@@ -29,7 +30,7 @@ import torch
 from benchmarks import inprocess, profile, report
 from benchmarks.loadgen import Target, busiest_now, closed_loop
 from benchmarks.report import Point, WorkloadResults
-from benchmarks.servers import build_servers
+from benchmarks.servers import ServerProcess, build_servers
 from benchmarks.workloads import ROOT, Workload, workloads, write_repository
 from hybridserve.models.weights import cache_dir
 from hybridserve.server.engine.runtime import configure_threads
@@ -111,9 +112,13 @@ async def measure_servers(w: Workload, results: WorkloadResults, args: argparse.
             elif problem is not None:
                 results.failures[system.label] = problem
         seconds = w.seconds_per_point / (4 if args.quick else 1)
+        measured = None
         for round_index in range(args.rounds or (1 if args.quick else w.rounds)):
             shift = round_index % max(1, len(live))
             for system in live[shift:] + live[:shift]:
+                if system.server != measured:  # the others paused: one server on the machine, as for the limit
+                    measured = system.server
+                    await alone(servers, measured, system.target)
                 for concurrency in system.concurrencies or args.concurrency:
                     run = await closed_loop(system.target, concurrency, seconds,
                                             servers[system.server].process.pid)
@@ -125,11 +130,22 @@ async def measure_servers(w: Workload, results: WorkloadResults, args: argparse.
         for label in args.profile:
             system = next((s for s in live if s.label == label), None)
             if system is not None:
+                await alone(servers, system.server, system.target)
                 results.profiles[label] = await profile_system(system, servers[system.server].process.pid, seconds,
                                                                folder / f"profile-{len(results.profiles)}.txt")
     finally:
         for server in servers.values():
             server.stop()
+
+
+async def alone(servers: dict[str, ServerProcess], name: str, target: Target) -> None:
+    """Pause every server but ``name`` and let it settle (a short load first: timers and caches that
+    ran late while it was paused catch up outside the measurement)."""
+    for other, server in servers.items():
+        if other != name:
+            server.pause()
+    servers[name].resume()
+    await closed_loop(target, 4, 2.0)
 
 
 def probe(target: Target) -> str | None:
@@ -194,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                                   f"Ray Serve's @serve.batch) and runs {w.threads} torch thread(s), the spec's "
                                   f"device.cpus, as does the in-process limit. \"hybridserve Ray\" is the default "
                                   f"`hybridserve serve`."]
-        result = WorkloadResults(w.name, w.compiled_backend, w.compute_bound, header)
+        result = WorkloadResults(w.name, w.compiled_backend, w.compute_bound, header,
+                                 default_backend=w.default_backend)
         measure_inprocess(w, result, args, folder)
         if not args.no_servers:
             asyncio.run(measure_servers(w, result, args, folder / w.name))

@@ -73,9 +73,25 @@ class ServerProcess:
             time.sleep(1.0)
         return False
 
+    def pause(self) -> None:
+        """Stop every process of the server (SIGSTOP to its process group: Ray's daemons, replicas and
+        HAProxy too), so an idle server takes no CPU from the one being measured."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(os.getpgid(self.process.pid), sig)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        self.resume()  # a paused process cannot act on SIGTERM
         group = os.getpgid(self.process.pid)
         # The server itself first: hybridserve's Ray server then shuts Serve down (HAProxy included)
         # while Ray still runs; a SIGTERM to the whole group would kill Ray under it.

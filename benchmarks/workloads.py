@@ -53,6 +53,11 @@ class Workload:
         return max(1, int(ModelSpec.model_validate({**self.spec, "name": "x"}).device.cpus))
 
     @property
+    def default_backend(self) -> str:
+        """The compile backend the spec declares: what the default ``hybridserve serve`` serves."""
+        return ModelSpec.model_validate({**self.spec, "name": "x"}).compile.backend
+
+    @property
     def verb(self) -> str:
         return ModelSpec.model_validate({**self.spec, "name": "x"}).verb
 

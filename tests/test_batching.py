@@ -103,6 +103,31 @@ def test_before_a_hop_a_second_half_batch_travels_while_one_computes():
     assert batches == [4, 4, 2] and most[0] == 2
 
 
+def test_the_wait_budget_counts_from_the_oldest_item_even_behind_a_running_batch():
+    """Items that queued while a batch computed have waited already: when the model frees, they go
+    at once rather than start a fresh ``max_wait_ms`` then."""
+    spans: list[tuple[float, float]] = []
+
+    def run_batch(items):
+        started = time.monotonic()
+        time.sleep(0.6)
+        spans.append((started, time.monotonic()))
+        return [item * 10 for item in items]
+
+    batcher = AsyncBatcher(run_batch, max_batch_size=8, max_wait_ms=400)
+
+    async def scenario():
+        lone = asyncio.ensure_future(batcher.submit(0))  # goes at once
+        await asyncio.sleep(0.05)
+        behind = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]  # under half: they wait
+        return await asyncio.wait_for(asyncio.gather(lone, *behind), 10.0)
+
+    assert asyncio.run(scenario()) == [0, 10, 20]
+    assert len(spans) == 2
+    # They had waited 0.55 s of their 0.4 s when the model freed: no fresh 0.4 s wait then.
+    assert spans[1][0] - spans[0][1] < 0.3
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_partial_batch_leaves_when_its_wait_is_over_on_either_event_loop(loop):
     """uvloop (Ray's replicas, ``--no-ray``) may run a timer before its own clock reaches the deadline:

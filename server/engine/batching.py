@@ -135,10 +135,11 @@ class Batcher:
                 future.set_result(result)
 
     async def _fill(self) -> None:
-        """Wait for a full batch or the wait budget, whichever first; a lone item goes at once."""
+        """Wait for a full batch or until the oldest item has waited ``max_wait_ms`` (time spent behind
+        a running batch counts), whichever first; a lone item goes at once."""
         if len(self._queue) >= self.max_batch_size or self.max_wait_s <= 0:
             return
-        deadline = time.monotonic() + self.max_wait_s
+        deadline = self._queue[0][2] + self.max_wait_s
         size = len(self._queue)
         # Yield once so requests already in flight on the loop can join this batch.
         await asyncio.sleep(0)

@@ -66,6 +66,11 @@ class ModelDeployment:
         return outputs
 
 
+# The gateway writes one request log line per request (observability.logs.log_request: model,
+# outcome, timings, request id); Serve's access log line would be a second, less complete one.
+GATEWAY_LOGGING = {"enable_access_log": False}
+
+
 class _Ingress(TaskServicerMixin, OIPServicerMixin):
     """HTTP (FastAPI) and gRPC servicer methods over ``self.plane``."""
 
@@ -74,7 +79,8 @@ class _Ingress(TaskServicerMixin, OIPServicerMixin):
         return guard_draining(app)  # SIGTERM drain: readiness and new calls 503 (rayserve/cluster.py)
 
 
-@serve.deployment(name=GATEWAY, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2000)
+@serve.deployment(name=GATEWAY, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2000,
+                  logging_config=GATEWAY_LOGGING)
 @serve.ingress()
 class Gateway(_Ingress):
     """Ingress of the ``deployments`` layout: decodes and batches here, one hop per batch per model."""
@@ -89,7 +95,7 @@ class Gateway(_Ingress):
         self.init_services(DataPlane(endpoints), settings)
 
 
-@serve.deployment(name=GATEWAY)
+@serve.deployment(name=GATEWAY, logging_config=GATEWAY_LOGGING)
 @serve.ingress()
 class CombinedGateway(_Ingress):
     """Ingress of the ``combined`` layout: every model loaded and batched in this replica."""

@@ -245,8 +245,8 @@ def test_builtin_classifier_through_the_runtime_on_aot(compile_cache):
     from hybridserve.server.tasks import InferenceRequest
     from hybridserve.server.engine.runtime import ModelRuntime
 
-    spec = load_spec(builtin_repository() / "classifier.yaml")
-    eager = ModelRuntime(spec)
+    spec = load_spec(builtin_repository() / "classifier.yaml")  # its spec asks for aot
+    eager = ModelRuntime(spec.model_copy(update={"compile": Compile(backend="eager")}))
     eager.load()
     compiled_spec = spec.model_copy(update={"compile": Compile(backend="aot")})
     loads = []

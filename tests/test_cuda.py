@@ -136,9 +136,9 @@ def test_served_on_cuda_batches_and_reports_gpu_memory(tmp_path):
     spec_file = builtin_repository() / "classifier.yaml"
     data = yaml.safe_load(spec_file.read_text())
     data.update(weights=str(spec_file.parent / data["weights"]), device={"type": "cuda"},
-                batching={"max_batch_size": 16, "max_wait_ms": 20})
+                batching={"max_batch_size": 16, "max_wait_ms": 20}, compile={"backend": "eager"})
     (tmp_path / "classifier.yaml").write_text(yaml.safe_dump(data))
-    cpu = loaded(builtin("classifier"), "cpu")
+    cpu = loaded(builtin("classifier", backend="eager"), "cpu")
     rng = np.random.default_rng(2)
     images = [BUILTIN_INPUTS["classifier"](rng) for _ in range(16)]
     bodies = []

@@ -151,10 +151,15 @@ class TaskHandler(ABC):
             groups.setdefault(_shape_key(item), []).append(index)
         for indices in groups.values():
             batch = _stack([items[i] for i in indices], self.device, self.dtype)
-            result = self.run_model(batch)
+            result = _to_host(self.batch_outputs(self.run_model(batch)))
             for position, index in enumerate(indices):
                 outputs[index] = _select(result, position)
         return outputs  # type: ignore[return-value]
+
+    def batch_outputs(self, result: Output) -> Output:
+        """Work done once per batch, on the batch's thread, before the batch is split per item
+        (e.g. classification's softmax); the rest of ``postprocess`` is per request."""
+        return result
 
     def run_model(self, batch: Item) -> Output:
         if isinstance(batch, tuple):
@@ -193,10 +198,17 @@ def _stack(items: list[Item], device: torch.device, dtype: torch.dtype) -> Item:
     return torch.stack(items).to(device, dtype, non_blocking=True)
 
 
-def _select(result: Output, position: int) -> Output:
+def _to_host(result: Output) -> Output:
+    """A batch's outputs as float32 on the CPU: one transfer per batch, not one per item."""
     if isinstance(result, (tuple, list)):
-        return tuple(part[position].detach().float().cpu() for part in result)
-    return result[position].detach().float().cpu()
+        return tuple(part.detach().float().cpu() for part in result)
+    return result.detach().float().cpu()
+
+
+def _select(result: Output, position: int) -> Output:
+    if isinstance(result, tuple):
+        return tuple(part[position] for part in result)
+    return result[position]
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,11 @@ class ClassificationHandler(TaskHandler):
         resized, _ = resize_for_model(image, pre.input_size, pre.resize)
         return Prepared(items=[self.to_tensor(resized)])
 
+    def batch_outputs(self, result: Output) -> Output:
+        return torch.softmax(result.float().flatten(1), dim=1)  # the whole batch's probabilities at once
+
     def postprocess(self, prepared: Prepared, outputs: list[Output]) -> ClassScores:
-        probabilities = torch.softmax(outputs[0].float().flatten(), dim=0)
-        return ClassScores(probabilities.numpy().astype(np.float32, copy=False))
+        return ClassScores(outputs[0].numpy().astype(np.float32, copy=False))
 
 
 class ClassificationTask(Task):

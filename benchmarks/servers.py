@@ -9,6 +9,7 @@ as the spec's ``device.cpus`` (``OMP_NUM_THREADS`` too).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -32,10 +33,25 @@ FASTAPI = "FastAPI + uvicorn (eager)"
 LITSERVE = "LitServe batched (eager)"
 
 
+_RESERVED: dict[int, socket.socket] = {}
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port, held (bound on every address, not listening) until the server named with it
+    starts: Ray's processes, started in between, bind ports of the OS's choosing and would
+    otherwise take it (a server then failed with "address already in use")."""
+    sock = socket.socket()
+    sock.bind(("", 0))
+    port = sock.getsockname()[1]
+    _RESERVED[port] = sock
+    return port
+
+
+def release_ports(command: list[str]) -> None:
+    """Free the held ports a command names, just before it starts."""
+    for word in command:
+        if word.isdigit() and int(word) in _RESERVED:
+            _RESERVED.pop(int(word)).close()
 
 
 @dataclass
@@ -53,6 +69,7 @@ class ServerProcess:
 
     def start(self) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
+        release_ports(self.command + [value for value in self.env.values() if value.isdigit()])
         handle = open(self.log, "w")
         self.process = subprocess.Popen(self.command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -68,7 +85,7 @@ class ServerProcess:
                     if response.status == 200:
                         self.ready_s = time.monotonic() - self._started
                         return True
-            except (urllib.error.URLError, OSError):
+            except (urllib.error.URLError, OSError, http.client.HTTPException):  # not (yet) our server
                 pass
             time.sleep(1.0)
         return False

@@ -120,9 +120,11 @@ def main() -> None:
     import ray
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ray.init(num_cpus=max(os.cpu_count() or 1, int(spec.device.cpus + 0.999) + 1), include_dashboard=False,
              log_to_driver=False, logging_level="warning")
+    # After ray.init, which replaces a SIGTERM handler installed before it: a stop then shuts Serve
+    # down, HAProxy included (it outlived the app when Ray's handler killed the process).
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     serve.start(http_options={"host": "127.0.0.1", "port": args.port}, grpc_options={"port": args.grpc_port})
     options = {"ray_actor_options": {"num_cpus": spec.device.cpus},
                # Serve's default (5 ongoing requests) would cap the batch; the same bound as hybridserve's.

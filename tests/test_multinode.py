@@ -70,15 +70,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _ray_node(temp_dir: Path, log: Path, *args: str) -> subprocess.Popen:
+def _ray_node(temp_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """One Ray node: ``ray start --block`` leads a process group that holds all of the node's processes."""
     ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
              "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
     command = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
                "--num-gpus", "0", "--object-store-memory", str(100 * 1024 * 1024), "--temp-dir", str(temp_dir),
                "--disable-usage-stats", *[part for flag in ports for part in (flag, str(free_port()))], *args]
-    return subprocess.Popen(command, env=_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(command, env={**_env(), **(env or {})}, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _kill_group(process: subprocess.Popen, grace_s: float) -> None:
@@ -153,7 +153,14 @@ def test_replica_on_second_node_and_node_loss(tmp_path):
                          "--ray-client-server-port", str(free_port()))
         processes.append(head)
         _wait_for(lambda: (head_dir / "session_latest").exists(), STARTUP_S, "the head node", processes)
-        worker = _ray_node(worker_dir, logs[1], "--address", address, "--resources", json.dumps({RESOURCE: 1}))
+        # Serve runs a proxy on every node, on the same ports (SO_REUSEPORT): on one host the kernel
+        # would spread the test's connections over both nodes' proxies, and one could land on the
+        # worker's while it dies (a 500 from a proxy being killed, which separate machines never
+        # share). The worker's proxy gets ports of its own, so the test speaks to the head's.
+        worker_proxy = {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(free_port()),
+                        "RAY_SERVE_WORKER_PROXY_GRPC_PORT": str(free_port())}
+        worker = _ray_node(worker_dir, logs[1], "--address", address, "--resources", json.dumps({RESOURCE: 1}),
+                           env=worker_proxy)
         processes.append(worker)
         repository = _pinned_repository(tmp_path / "repository")
         server = subprocess.Popen(

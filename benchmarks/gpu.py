@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.inprocess import batch_sizes, load_runtime
+from benchmarks.inprocess import load_runtime
 from benchmarks.loadgen import Target, closed_loop
 from benchmarks.servers import JSON_HEADERS, ServerProcess, free_port
 from benchmarks.workloads import ROOT, Workload, workloads, write_repository
 from hybridserve.server.tasks import InferenceRequest
 from hybridserve.server.core.spec import ModelSpec
+from hybridserve.server.engine.tuning import candidate_sizes
 
 BEGIN, END = "<!-- gpu:begin (written by python -m benchmarks.gpu) -->", "<!-- gpu:end -->"
 # (backend, precision) per workload, measured before the served rows; LATE ones after every
@@ -103,7 +104,7 @@ def limits(w: Workload, variants: list[tuple[str, str]], deadline: float, rows: 
         best: dict[int, float] = {}
         with torch.inference_mode():
             for _ in range(rounds):
-                for size in batch_sizes(MAX_BATCH[w.name]):
+                for size in candidate_sizes(MAX_BATCH[w.name]):
                     rate = size / synced_seconds(lambda: runtime.handler.forward([item] * size))
                     best[size] = max(best.get(size, 0.0), rate)
         rows.append({"backend": backend, "precision": precision, "served_as": runtime.backend,

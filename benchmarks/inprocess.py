@@ -27,6 +27,7 @@ import torch
 from benchmarks.workloads import ROOT, Workload, write_repository
 from hybridserve.server.tasks import TASKS, InferenceRequest, Options
 from hybridserve.server.engine.runtime import ModelRuntime, configure_threads
+from hybridserve.server.engine.tuning import candidate_sizes
 from hybridserve.server.core.spec import ModelSpec
 from hybridserve.server.repository import load_spec
 
@@ -55,14 +56,6 @@ def seconds_per_call(call, min_calls: int, min_seconds: float) -> float:
     return statistics.median(times)
 
 
-def batch_sizes(limit: int) -> list[int]:
-    sizes, size = [], 1
-    while size < limit:
-        sizes.append(size)
-        size *= 2
-    return [*sizes, limit]
-
-
 def limit(runtime: ModelRuntime, workload: Workload, min_seconds: float, rounds: int = 3) -> dict[int, float]:
     """Images/s of the batched forward at each batch size: the best of interleaved rounds (a ceiling)."""
     handler = runtime.handler
@@ -70,7 +63,8 @@ def limit(runtime: ModelRuntime, workload: Workload, min_seconds: float, rounds:
     best: dict[int, float] = {}
     with torch.inference_mode():
         for _ in range(rounds):
-            for size in batch_sizes(runtime.spec.batching.max_batch_size):
+            # The sizes a server's batch-size tuner tries (every size up to 16): the ceiling covers its choices.
+            for size in candidate_sizes(runtime.spec.batching.max_batch_size):
                 rate = size / seconds_per_call(lambda: handler.forward([item] * size), 3, min_seconds)
                 best[size] = max(best.get(size, 0.0), rate)
     return best

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short windows, one round, eager/aot compile table only")
     parser.add_argument("--only", nargs="*", help="workloads to run: classifier, efficientformerv2-s0, craft-x4")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: classifier 2, CRAFT 1; quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: classifier and EfficientFormer 2, CRAFT 1; quick 1)")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--skip", nargs="*", default=[], choices=PEERS, help="peer servers to leave out")
     parser.add_argument("--no-servers", action="store_true", help="in-process measurements only")

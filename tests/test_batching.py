@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -175,6 +177,34 @@ def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on():
         return await batcher.submit(5)
 
     assert asyncio.run(scenario()) == 5
+
+
+def test_a_batch_cancelled_before_it_starts_leaves_no_unawaited_hop_behind():
+    """Shutdown cancels a batch task that has not started yet (``asyncio.run`` cancels what is
+    left): the hop's coroutine is closed, not left to warn that it was never awaited."""
+    calls = []
+
+    async def execute(items):
+        calls.append(items)
+        return items
+
+    batcher = Batcher(execute, max_batch_size=1, max_wait_ms=0)
+
+    async def scenario():
+        submit = batcher.submit(1)
+        submit.send(None)  # runs up to its wait: its batch is dispatched, the batch task not started
+        for task in asyncio.all_tasks():  # as a shutdown does
+            if task is not asyncio.current_task():
+                task.cancel()
+        submit.close()
+        await asyncio.sleep(0)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        asyncio.run(scenario())
+        gc.collect()
+    assert calls == []
+    assert not [w for w in seen if "never awaited" in str(w.message)], [str(w.message) for w in seen]
 
 
 def test_small_images_preprocess_on_the_event_loop_and_large_ones_on_a_thread():

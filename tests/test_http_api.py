@@ -65,6 +65,11 @@ def test_model_list_and_info(client, server):
         spec = server.specs[info.name]
         assert (info.task, info.verb, info.status) == (spec.task, spec.verb, "ready")
         assert info.batching.max_batch_size == spec.batching.max_batch_size
+        batching = spec.batching
+        if batching.tune and batching.latency_slo_ms is None and batching.max_batch_size > 1:
+            assert 1 <= info.batching.tuned_batch_size <= batching.max_batch_size, info.batching
+        else:
+            assert info.batching.tuned_batch_size is None, info.batching
     one = ModelInfo.model_validate_json(client.get("/v1/models/timm-convnext").content)
     assert one.input.input_size == (64, 64) and one.labels == 4 and one.backend == "eager"
     missing = client.get("/v1/models/no-such-model")

@@ -81,6 +81,9 @@ class BatchingInfo(_Schema):
     max_batch_size: int
     max_wait_ms: float
     latency_slo_ms: float | None = None
+    tuned_batch_size: int | None = Field(
+        default=None, description="The batch size, up to max_batch_size, that computed fastest per item on this "
+                                  "replica's live batches (batching.tune): batches fill up to it. None: not tuned.")
 
 
 class ModelInfo(_Schema):

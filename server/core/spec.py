@@ -53,6 +53,10 @@ class Batching(_Frozen):
     latency_slo_ms: Annotated[float, Field(gt=0)] | None = Field(
         default=None, description="If set, batch size and wait adapt at run time to keep p99 under it."
     )
+    tune: bool = Field(
+        default=True, description="Fill batches to the size, up to max_batch_size, that measured fastest per item "
+                                  "on live batches (without a latency objective); false: always up to max_batch_size."
+    )
 
 
 class Autoscaling(_Frozen):

@@ -15,39 +15,46 @@ awaitable of its results:
   does not wait on the network.
 
 With ``latency_slo_ms`` an ``AdaptiveBatchController`` re-chooses the batch size and wait after
-every batch (``max_batch_size`` is then the ceiling). Items whose caller has gone (their future
-is cancelled) are dropped before dispatch.
+every batch (``max_batch_size`` is then the ceiling); otherwise, with ``tune``, a
+``tuning.BatchSizeTuner`` picks the size, up to ``max_batch_size``, that computes fastest per
+item, from the compute times the model reports. Items whose caller has gone (their future is
+cancelled) are dropped before dispatch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hybridserve.server.engine.adaptive import AdaptiveBatchController, BatchingChoice
+from hybridserve.server.engine.runtime import batch_cost
+from hybridserve.server.engine.tuning import BatchSizeTuner
 
 Execute = Callable[[list[Any]], Awaitable[Sequence[Any]]]
 
 
 class Batcher:
     def __init__(self, execute: Execute, max_batch_size: int, max_wait_ms: float,
-                 latency_slo_ms: float | None = None, max_in_flight: int = 1):
+                 latency_slo_ms: float | None = None, max_in_flight: int = 1, tune: bool = False):
         self._execute = execute
         self.max_batch_size = max_batch_size
+        self._fill_to = max_batch_size  # this batch's size: max_batch_size, or the tuner's choice
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_in_flight = max_in_flight
         self.controller = None if latency_slo_ms is None else AdaptiveBatchController(
             latency_slo_ms, max_batch_size, BatchingChoice(max_batch_size, max_wait_ms))
+        self.tuner = BatchSizeTuner(max_batch_size) if tune and self.controller is None and max_batch_size > 1 else None
         self._queue: list[tuple[Any, asyncio.Future, float]] = []
         self._in_flight: set[asyncio.Task] = set()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
     def configure(self, max_batch_size: int, max_wait_ms: float) -> None:
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = self._fill_to = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
 
     async def submit(self, entry: Any) -> Any:
@@ -82,19 +89,21 @@ class Batcher:
         return len(self._queue) >= self._half() and len(self._in_flight) < self.max_in_flight
 
     def _half(self) -> int:
-        return min(self.max_batch_size, max(2, (self.max_batch_size + 1) // 2))
+        return min(self._fill_to, max(2, (self._fill_to + 1) // 2))
 
     def _dispatch(self) -> None:
-        """Start the next batch now (up to ``max_batch_size`` queued items, cancelled ones dropped)."""
+        """Start the next batch now (up to ``_fill_to`` queued items, cancelled ones dropped)."""
         waiting = len(self._queue)
-        batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size:]
+        batch, self._queue = self._queue[: self._fill_to], self._queue[self._fill_to:]
+        if self.tuner is not None:
+            self._fill_to = self.tuner.next_size()
         batch = [(e, f, t) for e, f, t in batch if not f.cancelled()]
         if not batch:
             return
         results = self._execute([e for e, _, _ in batch])
         task = asyncio.get_running_loop().create_task(self._run(batch, waiting, results))
         self._in_flight.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(functools.partial(self._finished, results))
 
     def _room(self) -> bool:
         """Another batch may go: none is in flight, or half a batch waits and the limit allows it.
@@ -105,8 +114,10 @@ class Batcher:
             return True
         return len(self._in_flight) < self.max_in_flight and len(self._queue) >= self._half()
 
-    def _finished(self, task: asyncio.Task) -> None:
+    def _finished(self, pending: Awaitable[Sequence[Any]], task: asyncio.Task) -> None:
         self._in_flight.discard(task)
+        if task.cancelled() and asyncio.iscoroutine(pending):
+            pending.close()  # the batch was cancelled before it started: its coroutine never ran
         if self._queue and self._ready_now() and not task.cancelled():
             self._dispatch()
         if self._wakeup is not None:
@@ -130,6 +141,8 @@ class Batcher:
             choice = self.controller.observe(len(batch), time.monotonic() - started,
                                              [started - t for _, _, t in batch], waiting)
             self.configure(choice.max_batch_size, choice.max_wait_ms)
+        elif self.tuner is not None and (cost := batch_cost(results)) is not None:
+            self.tuner.observe(*cost)
         for (_, future, _), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
@@ -137,13 +150,13 @@ class Batcher:
     async def _fill(self) -> None:
         """Wait for a full batch or until the oldest item has waited ``max_wait_ms`` (time spent behind
         a running batch counts), whichever first; a lone item goes at once."""
-        if len(self._queue) >= self.max_batch_size or self.max_wait_s <= 0:
+        if len(self._queue) >= self._fill_to or self.max_wait_s <= 0:
             return
         deadline = self._queue[0][2] + self.max_wait_s
         size = len(self._queue)
         # Yield once so requests already in flight on the loop can join this batch.
         await asyncio.sleep(0)
-        while len(self._queue) < self.max_batch_size and self._room():
+        while len(self._queue) < self._fill_to and self._room():
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (size == 1 and len(self._queue) == 1 and not self._in_flight):
                 return
@@ -162,10 +175,10 @@ class AsyncBatcher(Batcher):
     request's preprocess and postprocess hops (a tail-latency source)."""
 
     def __init__(self, run_batch: Callable[[Sequence[Any]], list[Any]], max_batch_size: int, max_wait_ms: float,
-                 latency_slo_ms: float | None = None):
+                 latency_slo_ms: float | None = None, tune: bool = False):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
 
         def execute(entries: list[Any]) -> Awaitable[Sequence[Any]]:  # starts on the thread at once
             return asyncio.get_running_loop().run_in_executor(self._thread, run_batch, entries)
 
-        super().__init__(execute, max_batch_size, max_wait_ms, latency_slo_ms)
+        super().__init__(execute, max_batch_size, max_wait_ms, latency_slo_ms, tune=tune)

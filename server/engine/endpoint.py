@@ -58,8 +58,10 @@ class Endpoint:
         self.max_queue = self.spec.batching.max_queue
 
     def batching(self) -> BatchingInfo:
+        tuner = self.batcher.tuner
         return BatchingInfo(max_batch_size=self.batcher.max_batch_size, max_wait_ms=self.batcher.max_wait_s * 1000.0,
-                            latency_slo_ms=self.spec.batching.latency_slo_ms)
+                            latency_slo_ms=self.spec.batching.latency_slo_ms,
+                            tuned_batch_size=None if tuner is None else tuner.best)
 
     async def info(self) -> ModelInfo:
         return describe(self.spec, await self.source.state(), self.batching())

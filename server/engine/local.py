@@ -22,7 +22,8 @@ def local_endpoint(spec: ModelSpec, device: str | None = None, limits: ImageLimi
     runtime = ModelRuntime(spec, device, limits, observer)
     runtime.load()
     batching = spec.batching
-    batcher = AsyncBatcher(runtime.run_batch, batching.max_batch_size, batching.max_wait_ms, batching.latency_slo_ms)
+    batcher = AsyncBatcher(runtime.run_batch, batching.max_batch_size, batching.max_wait_ms, batching.latency_slo_ms,
+                           tune=batching.tune)
     return Endpoint(LocalModel(runtime), batcher, observer)
 
 

@@ -57,6 +57,15 @@ class BatchOutput:
     compute_s: float = 0.0
 
 
+def batch_cost(outputs: Sequence[Any]) -> tuple[int, float] | None:
+    """(items computed, compute seconds) of one batch, as ``run_batch`` reported it; None when
+    nothing computed (every item expired or was cancelled) or the results are not ``BatchOutput``s."""
+    for out in outputs:
+        if isinstance(out, BatchOutput) and out.batch_size:
+            return out.batch_size, out.compute_s
+    return None
+
+
 @dataclass(frozen=True)
 class ModelState:
     """How a loaded model stands, as ``GET /v1/models/{name}`` reports it (picklable: it crosses Ray)."""

@@ -67,7 +67,7 @@ class RayBatcher(Batcher):
         self.handle = handle
         batching = spec.batching
         super().__init__(self._execute, batching.max_batch_size, batching.max_wait_ms, batching.latency_slo_ms,
-                         max_in_flight=BATCHES_IN_FLIGHT)
+                         max_in_flight=BATCHES_IN_FLIGHT, tune=batching.tune)
 
     async def _execute(self, entries: list[Entry]) -> list[BatchOutput]:
         now = time.monotonic()

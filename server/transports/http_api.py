@@ -150,7 +150,7 @@ def create_http_app(plane: DataPlane, settings: Settings, *, echo_request_id: bo
 
     @app.exception_handler(HybridServeError)
     async def _typed(request: Request, exc: HybridServeError):
-        return error_response(exc, request.headers.get("x-request-id") if echo_request_id else None)
+        return _error_answer(request, exc, echo_request_id)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -169,8 +169,7 @@ def create_http_app(plane: DataPlane, settings: Settings, *, echo_request_id: bo
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error")
-        return error_response(as_hybridserve_error(exc))
+        return _error_answer(request, exc, echo_request_id)
 
     async def infer(request: Request, name: str, verb: str, query: Options) -> Response:
         request_id = request_id_of(request)
@@ -244,6 +243,15 @@ def create_http_app(plane: DataPlane, settings: Settings, *, echo_request_id: bo
     return app
 
 
+def _error_answer(request: Request, exc: Exception, echo_request_id: bool) -> Response:
+    """What the app's exception handlers answer: ours as they are (with the request id where the
+    app echoes it), anything else logged and answered as an internal error without its details."""
+    if isinstance(exc, HybridServeError):
+        return error_response(exc, request.headers.get("x-request-id") if echo_request_id else None)
+    log.exception("unexpected error", exc_info=exc)
+    return error_response(as_hybridserve_error(exc))
+
+
 def _direct_inference(infer, echo_request_id: bool):
     """The hot path past FastAPI's routing and dependency solving: ``POST /v1/models/{name}/{verb}``
     without a query string runs the routes' own ``infer`` with default options (a query string
@@ -255,11 +263,8 @@ def _direct_inference(infer, echo_request_id: bool):
         request = Request(scope, receive)
         try:
             response = await infer(request, scope["path_params"]["name"], scope["path_params"]["verb"], defaults)
-        except HybridServeError as exc:
-            response = error_response(exc, request.headers.get("x-request-id") if echo_request_id else None)
         except Exception as exc:
-            log.exception("unexpected error")
-            response = error_response(as_hybridserve_error(exc))
+            response = _error_answer(request, exc, echo_request_id)
         await response(scope, receive, send)
 
     def direct(scope: dict):

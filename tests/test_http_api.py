@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -83,6 +84,10 @@ def test_openapi_documents_every_route(client):
         assert {"image/png", "multipart/form-data", "application/json"} <= set(operation["requestBody"]["content"])
     assert {"/v1/models", "/v1/models/{name}", "/healthz", "/readyz"} <= set(schema["paths"])
     assert client.get("/docs").status_code == 200
+    # Tuples (a box, a score range, an input size) as fixed-length arrays that OpenAPI 3.0 tools read.
+    assert "prefixItems" not in json.dumps(schema)
+    box = schema["components"]["schemas"]["Detection"]["properties"]["box"]
+    assert (box["type"], box["items"], box["minItems"], box["maxItems"]) == ("array", {"type": "number"}, 4, 4)
 
 
 # ------------------------------------------------------------------ every task, every input form

@@ -86,7 +86,8 @@ def model_info(message: Any) -> ModelInfo:
                             tile_overlap=_optional(contract, "tile_overlap"),
                             needs_reference=contract.needs_reference),
         batching=BatchingInfo(max_batch_size=batching.max_batch_size, max_wait_ms=batching.max_wait_ms,
-                              latency_slo_ms=_optional(batching, "latency_slo_ms")),
+                              latency_slo_ms=_optional(batching, "latency_slo_ms"),
+                              tuned_batch_size=_optional(batching, "tuned_batch_size")),
         labels=message.labels, backend=_optional(message, "backend"), device=message.device,
         load_seconds=_optional(message, "load_seconds"), description=_optional(message, "description"))
 

@@ -23,55 +23,11 @@ from typing import Any
 
 from hybridserve_client.client import Client
 from hybridserve_client.exceptions import HybridServeError
-from hybridserve_client.results import (
-    AssessmentResult,
-    ClassificationResult,
-    DetectionResult,
-    RestorationResult,
-    RestoredImage,
-    SegmentationResult,
-)
 from hybridserve_client.tasks import TASKS, TaskInfo, task_of
-
-# What -o writes, by result type (tasks whose results have no picture take no -o).
-OUTPUTS: dict[type, str] = {
-    DetectionResult: "also write the image with its boxes drawn",
-    RestorationResult: "where to write the restored image",
-    SegmentationResult: "also write the mask (8-bit PNG, pixel value = class index)",
-}
 
 
 def _client(args: argparse.Namespace) -> Client:
     return Client(args.url, api_key=args.api_key, token=args.token, timeout=args.timeout, retries=args.retries)
-
-
-def _dump(result: Any) -> str:
-    if isinstance(result, RestoredImage):
-        return result.to_schema().model_dump_json(exclude={"image"})
-    if isinstance(result, SegmentationResult):
-        return result.model_dump_json(exclude={"mask"})
-    return result.model_dump_json()
-
-
-def describe(name: str, result: Any) -> str:
-    """A few readable lines for one result."""
-    if isinstance(result, ClassificationResult):
-        rows = [f"  {p.score:7.4f}  {p.label}  (#{p.index})" for p in result.predictions]
-        return f"{name}  ({result.model})\n" + "\n".join(rows)
-    if isinstance(result, DetectionResult):
-        rows = [f"  {d.label:<12} {d.score:5.2f}  [{', '.join(f'{v:.1f}' for v in d.box)}]" for d in result.detections]
-        head = f"{name}  ({result.model}, {result.width}x{result.height}): {len(result.detections)} detection(s)"
-        return "\n".join([head, *rows])
-    if isinstance(result, AssessmentResult):
-        better = "higher" if result.higher_is_better else "lower"
-        return (f"{name}  ({result.model}): {result.score:.4f}  ({result.kind}, range "
-                f"[{result.range[0]:g}, {result.range[1]:g}], {better} is better)")
-    if isinstance(result, RestoredImage):
-        return f"{name}  ({result.model}): {result.width}x{result.height} {result.format}, {len(result.data)} bytes"
-    if isinstance(result, SegmentationResult):
-        rows = [f"  {c.fraction:7.2%}  {c.label}  (#{c.index}, {c.pixels} px)" for c in result.classes]
-        return f"{name}  ({result.model}, {result.width}x{result.height}):\n" + "\n".join(rows)
-    return str(result)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -82,21 +38,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
     with _client(args) as client:
         results = getattr(client, task.verb)(args.model, list(args.images), **options)
     for index, (image, result) in enumerate(zip(args.images, results, strict=True)):
-        print(_dump(result) if args.json else describe(image, result))
+        print(result.json_line() if args.json else result.describe(image))
         if getattr(args, "output", None):
             target = _output_path(Path(args.output), index, len(results))
-            _write(result, image, target)
+            result.write(target, image)
             print(f"  wrote {target}", file=sys.stderr)
     return 0
-
-
-def _write(result: Any, image: str, target: Path) -> None:
-    if isinstance(result, RestoredImage):
-        result.save(target)
-    elif isinstance(result, SegmentationResult):
-        target.write_bytes(result.mask_png())
-    else:
-        result.draw(image).save(target)
 
 
 def _output_path(output: Path, index: int, count: int) -> Path:
@@ -168,8 +115,8 @@ def _task_command(sub: Any, common: argparse.ArgumentParser, task: TaskInfo) -> 
                              default=option.default, help=option.help)
     if task.reference:
         command.add_argument("--reference", help="reference image (full-reference models)")
-    if task.result in OUTPUTS:
-        command.add_argument("-o", "--output", required=task.image_reply, help=OUTPUTS[task.result])
+    if task.output:
+        command.add_argument("-o", "--output", required=task.image_reply, help=task.output)
     command.set_defaults(handler=cmd_infer)
 
 

@@ -12,9 +12,9 @@ import base64
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 if TYPE_CHECKING:
     import os
@@ -23,8 +23,18 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
+def fixed_array(length: int, item: str) -> WithJsonSchema:
+    """A tuple's JSON Schema as a fixed-length array, without JSON Schema 2020-12's ``prefixItems``,
+    which OpenAPI 3.0 tools (client generators, schemathesis) do not all read."""
+    return WithJsonSchema({"type": "array", "items": {"type": item}, "minItems": length, "maxItems": length})
+
+
 class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def json_line(self) -> str:
+        """The result as one line of JSON (``hybridserve-client --json``; bulky fields left out)."""
+        return self.model_dump_json()
 
 
 # ---------------------------------------------------------------- classification
@@ -45,12 +55,18 @@ class ClassificationResult(_Schema):
         """The highest-scoring prediction."""
         return max(self.predictions, key=lambda prediction: prediction.score)
 
+    def describe(self, name: str) -> str:
+        """A few readable lines about the result of image ``name`` (``hybridserve-client`` prints them)."""
+        rows = [f"  {p.score:7.4f}  {p.label}  (#{p.index})" for p in self.predictions]
+        return f"{name}  ({self.model})\n" + "\n".join(rows)
+
 
 # ---------------------------------------------------------------- detection
 
 
 class Detection(_Schema):
-    box: tuple[float, float, float, float] = Field(description="[x1, y1, x2, y2] in input-image pixels.")
+    box: Annotated[tuple[float, float, float, float], fixed_array(4, "number")] = Field(
+        description="[x1, y1, x2, y2] in input-image pixels.")
     label: str
     index: int
     score: float = Field(ge=0.0, le=1.0)
@@ -95,6 +111,15 @@ class DetectionResult(_Schema):
             pen.rectangle((x1, y1, x2, y2), outline=color, width=width)
             pen.text((x1 + 2, max(0.0, y1 - 11)), f"{detection.label} {detection.score:.2f}", fill=color)
         return canvas
+
+    def describe(self, name: str) -> str:
+        rows = [f"  {d.label:<12} {d.score:5.2f}  [{', '.join(f'{v:.1f}' for v in d.box)}]" for d in self.detections]
+        head = f"{name}  ({self.model}, {self.width}x{self.height}): {len(self.detections)} detection(s)"
+        return "\n".join([head, *rows])
+
+    def write(self, target: Path, source: Any) -> None:
+        """Write ``source`` (the image sent) with the boxes drawn to ``target``."""
+        self.draw(source).save(target)
 
 
 # ---------------------------------------------------------------- restoration
@@ -144,6 +169,15 @@ class RestoredImage:
         """Write the encoded bytes to ``path`` (as they came: no re-encoding)."""
         Path(path).write_bytes(self.data)
 
+    def json_line(self) -> str:
+        return self.to_schema().model_dump_json(exclude={"image"})
+
+    def describe(self, name: str) -> str:
+        return f"{name}  ({self.model}): {self.width}x{self.height} {self.format}, {len(self.data)} bytes"
+
+    def write(self, target: Path, source: Any) -> None:
+        self.save(target)
+
 
 # ---------------------------------------------------------------- image quality assessment
 
@@ -152,8 +186,14 @@ class AssessmentResult(_Schema):
     model: str
     score: float
     kind: Literal["no-reference", "full-reference"]
-    range: tuple[float, float]
+    range: Annotated[tuple[float, float], fixed_array(2, "number")] = Field(
+        description="[lowest, highest]: the scores the metric can give.")
     higher_is_better: bool
+
+    def describe(self, name: str) -> str:
+        better = "higher" if self.higher_is_better else "lower"
+        return (f"{name}  ({self.model}): {self.score:.4f}  ({self.kind}, range "
+                f"[{self.range[0]:g}, {self.range[1]:g}], {better} is better)")
 
 
 # ---------------------------------------------------------------- segmentation
@@ -189,6 +229,17 @@ class SegmentationResult(_Schema):
     @classmethod
     def _no_mask(cls, value: Any) -> Any:
         return value or None  # a gRPC reply carries empty bytes where JSON has none
+
+    def json_line(self) -> str:
+        return self.model_dump_json(exclude={"mask"})
+
+    def describe(self, name: str) -> str:
+        rows = [f"  {c.fraction:7.2%}  {c.label}  (#{c.index}, {c.pixels} px)" for c in self.classes]
+        return f"{name}  ({self.model}, {self.width}x{self.height}):\n" + "\n".join(rows)
+
+    def write(self, target: Path, source: Any) -> None:
+        """Write the mask to ``target`` (8-bit PNG, pixel value = class index)."""
+        target.write_bytes(self.mask_png())
 
     def mask_png(self) -> bytes:
         """The mask as PNG bytes, e.g. to save as a file (``mask`` decoded; encoded from the runs for rle)."""

@@ -9,7 +9,7 @@ results are defined in ``results.py`` (beside the task table that names them,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -23,6 +23,7 @@ from hybridserve_client.results import (
     SegmentationResult,
     SegmentClass,
     _Schema,
+    fixed_array,
 )
 from hybridserve_client.tasks import FORMATS, TASKS
 
@@ -68,7 +69,8 @@ class ImageRequest(_Schema):
 
 
 class InputContract(_Schema):
-    input_size: tuple[int, int] | None = Field(default=None, description="(height, width) the model sees.")
+    input_size: Annotated[tuple[int, int], fixed_array(2, "integer")] | None = Field(
+        default=None, description="(height, width) the model sees.")
     resize: str
     color: Literal["rgb", "gray"]
     scale: int | None = Field(default=None, description="Restoration: output/input size ratio.")

@@ -49,6 +49,7 @@ class TaskInfo:
     grpc_request: str  # its request message
     reference: bool = False  # takes a reference image (full-reference assessment)
     image_reply: bool = False  # the HTTP answer is the encoded image itself unless JSON is asked for
+    output: str | None = None  # what the command line's -o writes, where the result has a picture
 
 
 TASKS: tuple[TaskInfo, ...] = (
@@ -58,16 +59,16 @@ TASKS: tuple[TaskInfo, ...] = (
     TaskInfo("detection", "detect", "detect objects", DetectionResult,
              (TaskOption("score_threshold", float, "drop detections scoring below this (server default 0.3)"),
               TaskOption("max_detections", int, "keep at most this many (server default 100)")),
-             "Detect", "DetectRequest"),
+             "Detect", "DetectRequest", output="also write the image with its boxes drawn"),
     TaskInfo("restoration", "restore", "super-resolve or denoise", RestorationResult,
              (TaskOption("format", str, "encoding of the restored image", ("png", "jpeg", "webp"), "png"),),
-             "Restore", "RestoreRequest", image_reply=True),
+             "Restore", "RestoreRequest", image_reply=True, output="where to write the restored image"),
     TaskInfo("iqa", "assess", "score image quality", AssessmentResult, (), "Assess", "AssessRequest",
              reference=True),
     TaskInfo("segmentation", "segment", "label every pixel", SegmentationResult,
              (TaskOption("format", str, "how the mask travels: a PNG label image, or each class's run lengths",
                          ("png", "rle"), "png"),),
-             "Segment", "SegmentRequest"),
+             "Segment", "SegmentRequest", output="also write the mask (8-bit PNG, pixel value = class index)"),
 )
 BY_VERB: dict[str, TaskInfo] = {task.verb: task for task in TASKS}
 # Every value of the ``format`` option, over the tasks that take one (each task accepts its own).

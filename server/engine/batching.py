@@ -89,7 +89,9 @@ class Batcher:
         return len(self._queue) >= self._half() and len(self._in_flight) < self.max_in_flight
 
     def _half(self) -> int:
-        return min(self._fill_to, max(2, (self._fill_to + 1) // 2))
+        """Half of this batch's size, but never one item below a ceiling above one: a lone item does not
+        overtake a running batch because the tuner tries batches of one."""
+        return min(self.max_batch_size, max(2, (self._fill_to + 1) // 2))
 
     def _dispatch(self) -> None:
         """Start the next batch now (up to ``_fill_to`` queued items, cancelled ones dropped)."""

@@ -189,14 +189,16 @@ class InputContract(_message.Message):
     def __init__(self, input_size: _Optional[_Iterable[int]] = ..., resize: _Optional[str] = ..., color: _Optional[str] = ..., scale: _Optional[int] = ..., tile: _Optional[int] = ..., tile_overlap: _Optional[int] = ..., needs_reference: _Optional[bool] = ...) -> None: ...
 
 class BatchingInfo(_message.Message):
-    __slots__ = ("max_batch_size", "max_wait_ms", "latency_slo_ms")
+    __slots__ = ("max_batch_size", "max_wait_ms", "latency_slo_ms", "tuned_batch_size")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    TUNED_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_wait_ms: float
     latency_slo_ms: float
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., latency_slo_ms: _Optional[float] = ...) -> None: ...
+    tuned_batch_size: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., latency_slo_ms: _Optional[float] = ..., tuned_batch_size: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "task", "verb", "architecture", "status", "reason", "input", "batching", "labels", "backend", "device", "load_seconds", "description", "precision", "precision_reason", "fp32_layers")

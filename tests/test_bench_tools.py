@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import pytest
+
 from benchmarks.loadgen import server_cpu_seconds, server_processes
 from benchmarks.report import Point, WorkloadResults, render, targets
-from benchmarks.servers import FASTAPI, LITSERVE, PLAIN_RAY
+from benchmarks.servers import FASTAPI, LITSERVE, PLAIN_RAY, ServerProcess, free_port
 
 # A server stand-in: a parent that starts a busy child and a busy detached grandchild (its own
 # parent exits at once, so it leaves the tree and stays only in the session), then sleeps.
@@ -76,3 +79,41 @@ def test_a_target_without_its_measurement_is_not_met_or_missed():
     rows = {line.split(" | ")[1]: line for line in targets([results])[2:]}
     assert rows["default, c=32: / in-process limit (eager) >= 0.95"].endswith("| 0.97x | yes |")
     assert rows["default `hybridserve serve`, c=32: / plain Ray Serve app >= 1.0"].endswith("| — | — |")
+
+
+def test_a_held_port_stays_taken_until_the_server_naming_it_starts(tmp_path):
+    port = free_port()
+    intruder = socket.socket()
+    try:
+        with pytest.raises(OSError):  # a Ray process starting meanwhile cannot take it
+            intruder.bind(("", port))
+    finally:
+        intruder.close()
+    server = ServerProcess("http", [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                           f"http://127.0.0.1:{port}/", tmp_path / "http.log")
+    server.start()
+    try:
+        assert server.wait_ready(60), server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_a_paused_server_takes_no_cpu_until_it_resumes(tmp_path):
+    spin = "import time\nwhile True: time.process_time()\n"
+    server = ServerProcess("spin", [sys.executable, "-c", spin], "http://127.0.0.1:9/", tmp_path / "spin.log")
+    server.start()
+    try:
+        def used_over(seconds: float) -> float:
+            before = server_cpu_seconds(server.process.pid)
+            time.sleep(seconds)
+            return server_cpu_seconds(server.process.pid) - before
+
+        assert used_over(1.0) > 0.2
+        server.pause()
+        time.sleep(0.2)  # the stop signal lands
+        assert used_over(1.0) < 0.05
+        server.resume()
+        assert used_over(1.0) > 0.2
+    finally:
+        server.resume()
+        server.stop()

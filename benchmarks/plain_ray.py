@@ -114,7 +114,8 @@ def main() -> None:
     spec = load_spec(args.spec)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Short: HAProxy's socket paths (Ray adds a 40-character folder) may not exceed 97 characters.
-    os.environ.update(haproxy_env(Path(tempfile.mkdtemp(prefix="pr-"))))
+    folder = Path(tempfile.mkdtemp(prefix="pr-"))
+    os.environ.update(haproxy_env(folder))
     root = str(Path(__file__).resolve().parents[1])  # Ray's workers import this module too
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     import ray
@@ -134,6 +135,18 @@ def main() -> None:
     stop.wait()
     serve.shutdown()
     ray.shutdown()
+    stop_leftover_haproxy(folder)
+
+
+def stop_leftover_haproxy(folder: Path) -> None:
+    """Serve's shutdown stops the HAProxy it started, not one that a config reload (``-sf``) started
+    after it (seen here: one outlived a benchmark run, holding its ports); stop those of ``folder``."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and Path(cmdline[0]).name == "haproxy" and any(str(folder) in part for part in cmdline):
+            process.terminate()
 
 
 if __name__ == "__main__":

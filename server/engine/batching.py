@@ -1,12 +1,12 @@
 """Dynamic batching: one queue per model, the same loop in-process and in front of a Ray hop.
 
-Items wait until ``max_batch_size`` are queued or the oldest has waited ``max_wait_ms``; when the
-queue is empty and nothing is computing, a lone item goes at once (no fixed wait at
-concurrency 1), and while nothing computes half a batch goes as soon as it is queued, from the
-request that completes it: the rest forms the next batch while this one computes, so the
-model and the event loop (parsing, preprocess, answers) work side by side instead of taking
-turns. A formed batch is handed to ``execute``, which starts it *somewhere* and returns an
-awaitable of its results:
+Items wait until a batch's size (``max_batch_size``, or the tuner's, below) is queued or the
+oldest has waited ``max_wait_ms``; when the queue is empty and nothing is computing, a lone item
+goes at once (no fixed wait at concurrency 1), and while nothing computes half a batch goes as
+soon as it is queued, from the request that completes it: the rest forms the next batch while
+this one computes, so the model and the event loop (parsing, preprocess, answers) work side by
+side instead of taking turns. A formed batch is handed to ``execute``, which starts it
+*somewhere* and returns an awaitable of its results:
 
 * ``AsyncBatcher`` (in-process): the model's forward on the batcher's own thread, one batch at a
   time, so the event loop keeps decoding and queueing the next batch meanwhile;
@@ -89,8 +89,8 @@ class Batcher:
         return len(self._queue) >= self._half() and len(self._in_flight) < self.max_in_flight
 
     def _half(self) -> int:
-        """Half of this batch's size, but never one item below a ceiling above one: a lone item does not
-        overtake a running batch because the tuner tries batches of one."""
+        """Half of this batch's size, and two items at least where the ceiling allows: a lone item does
+        not overtake a running batch just because the tuner is trying batches of one."""
         return min(self.max_batch_size, max(2, (self._fill_to + 1) // 2))
 
     def _dispatch(self) -> None:

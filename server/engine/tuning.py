@@ -1,8 +1,9 @@
 """Batch-size tuning: fill batches to the size, up to ``max_batch_size``, that computes fastest per item.
 
 A bigger batch is not always cheaper per item. On CPU a batch whose activations outgrow the
-caches can take longer per image: EfficientFormerV2-S0 on this project's 2-core bench machine
-ran about 40 images/s in batches of 3 to 5 and 34 in batches of 8; CRAFT x4 took 4.1 s per
+caches can take longer per image: EfficientFormerV2-S0's eager forward on this project's 2-core
+bench machine ran 38.7 images/s in batches of 3 and 34.1 in batches of 8 (median of 6 interleaved
+rounds; docs/performance.md); CRAFT x4 took 4.1 s per
 image in batches of 4 against 2.1 s alone. On a GPU the largest batch usually wins, and the
 tuner then stays there. ``max_batch_size`` is the ceiling; ``BatchSizeTuner`` learns the rest
 from the batches the model runs:

@@ -2,7 +2,8 @@
 
 * limit: the loaded (compiled) model's batched forward called directly, at every batch size up
   to the spec's maximum, best of interleaved rounds; the best images/s is the ceiling any
-  server can reach;
+  server can reach; measured again, at the best sizes, in every round of the server
+  measurements (``round_limit``), so a ratio to the limit compares what was measured together;
 * pipeline: one request's whole in-process path (JSON + base64 + decode + preprocess +
   forward at batch 1 + postprocess + JSON), the floor of a server's latency at concurrency 1;
 * compile table: ms per batch for each backend at two batch sizes, rounds interleaved;
@@ -68,6 +69,14 @@ def limit(runtime: ModelRuntime, workload: Workload, min_seconds: float, rounds:
                 rate = size / seconds_per_call(lambda: handler.forward([item] * size), 3, min_seconds)
                 best[size] = max(best.get(size, 0.0), rate)
     return best
+
+
+def round_limit(runtime: ModelRuntime, workload: Workload, sizes: list[int], min_seconds: float) -> float:
+    """The best images/s over ``sizes`` right now: the limit measured again beside a round of servers."""
+    item = runtime.handler.preprocess(_request(workload)).items[0]
+    with torch.inference_mode():
+        return max(size / seconds_per_call(lambda: runtime.handler.forward([item] * size), 3, min_seconds)
+                   for size in sizes)
 
 
 def pipeline_seconds(runtime: ModelRuntime, workload: Workload, min_seconds: float) -> float:

@@ -48,6 +48,7 @@ class WorkloadResults:
     compute_bound: bool
     header: list[str] = field(default_factory=list)  # when, where and how it was measured
     limit: dict[str, dict[int, float]] = field(default_factory=dict)  # backend -> batch -> images/s
+    round_limit: dict[str, list[float]] = field(default_factory=dict)  # backend -> images/s in each server round
     pipeline_ms: dict[str, float] = field(default_factory=dict)  # backend -> one request in-process
     loads: dict[str, str] = field(default_factory=dict)  # backend -> how it loaded
     compile_ms: dict[str, dict[int, float]] = field(default_factory=dict)
@@ -71,6 +72,25 @@ class WorkloadResults:
             if by_batch and size <= max(by_batch):
                 by_batch[size] = max(by_batch.get(size, 0.0), 1000.0 * size / ms)
         return max(by_batch.items(), key=lambda kv: kv[1]) if by_batch else (0, 0.0)
+
+    def best_sizes(self, backend: str, count: int = 3) -> list[int]:
+        """The batch sizes of the ``count`` fastest limit measurements."""
+        by_batch = self.limit.get(backend, {})
+        return sorted(by_batch, key=by_batch.get, reverse=True)[:count]
+
+    def rounds(self, system: str, concurrency: int, metric: str = "throughput") -> list[float | None]:
+        """``metric`` of ``system`` in each round, in round order."""
+        return [getattr(r, metric) for r in self.runs.get(system, {}).get(concurrency, [])]
+
+    def limit_rounds(self, backend: str, count: int) -> list[float]:
+        """The limit measured beside each of ``count`` rounds (the best-ever limit where a run has none)."""
+        measured = self.round_limit.get(backend, [])
+        return measured if len(measured) == count else [self.best_limit(backend)[1]] * count
+
+    def versus_limit(self, system: str, concurrency: int, backend: str) -> float | None:
+        """Median over rounds of the system's throughput / the limit measured in the same round."""
+        served = self.rounds(system, concurrency)
+        return paired(served, self.limit_rounds(backend, len(served)))
 
     def throughput(self, system: str, concurrency: int) -> float | None:
         runs = self.runs.get(system, {}).get(concurrency)
@@ -101,6 +121,14 @@ class WorkloadResults:
         data["runs"] = {s: {int(c): [Point(**p) for p in points] for c, points in by_c.items()}
                         for s, by_c in data["runs"].items()}
         return cls(**data)
+
+
+def paired(a: list[float | None], b: list[float | None], difference: bool = False) -> float | None:
+    """Median over rounds of a/b (or a-b): values measured in the same round are compared with each
+    other, so a machine that speeds up or slows down between rounds does not decide a comparison."""
+    values = [x - y if difference else x / y for x, y in zip(a, b)
+              if x is not None and y is not None and (difference or y)]
+    return statistics.median(values) if values else None
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -134,6 +162,11 @@ def render_workload(w: WorkloadResults) -> list[str]:
               f"forward, postprocess): " + ", ".join(f"{b} {ms:.2f} ms" for b, ms in w.pipeline_ms.items()) + ".",
               "", "Limit rounds, best per batch size (images/s): " + "; ".join(
                   f"{b}: " + ", ".join(f"{n}→{_rate(v)}" for n, v in by.items()) for b, by in w.limit.items()),
+              *(["", "The limit measured again at the start of each server round, every server paused (images/s, "
+                 "best of the sizes " + "; ".join(f"{b} {w.best_sizes(b)}" for b in w.round_limit) + "): " +
+                 "; ".join(f"{b}: " + ", ".join(_rate(v) for v in rates) for b, rates in w.round_limit.items()) +
+                 ". \"vs limit\" and the targets divide each round's throughput by the limit of that round."]
+                if w.round_limit else []),
               "", "Model loads in the benchmark process: " + "; ".join(f"{b}: {how}" for b, how in w.loads.items()), ""]
     lines += ["Medians over the rounds (throughput range in brackets); errors summed.", "",
               "| server | concurrency | images/s | p50 ms | p99 ms | errors | vs limit | overhead at c=1 (ms) "
@@ -148,7 +181,7 @@ def render_workload(w: WorkloadResults) -> list[str]:
             spread = "" if len(runs) < 2 else f" ({_rate(min(r.throughput for r in runs))}–{_rate(max(r.throughput for r in runs))})"
             lines.append(f"| {system} | {concurrency} | {_rate(mid.throughput)}{spread} | {_num(mid.p50_ms)} | "
                          f"{_num(mid.p99_ms)} | {sum(r.errors for r in runs)} | "
-                         f"{_num(_ratio(mid.throughput, w.best_limit(backend)[1]), 2)}x | {_num(overhead)} | "
+                         f"{_num(w.versus_limit(system, concurrency, backend), 2)}x | {_num(overhead)} | "
                          f"{100 * mid.client_cpu_share:.0f}% | {_num(server_cpu, 0)}% | "
                          f"{_num(w.cpu_ms(system, concurrency), 2)} |")
     for system, by_c in w.adaptive.items():
@@ -181,7 +214,9 @@ def render_workload(w: WorkloadResults) -> list[str]:
 
 
 def targets(results: list[WorkloadResults]) -> list[str]:
-    """Issue 13's targets, each with its measured value (medians over rounds). "Default" is the
+    """Issue 13's targets, each with its measured value: the median over rounds of the comparison
+    within each round (a ratio or a difference of two values measured in the same round; a limit
+    measured in that round, beside its servers). "Default" is the
     command the README gives, ``hybridserve serve`` on Ray, serving the spec as written (its own
     compile backend: the built-in classifier's spec asks for aot, the timm workload's for none)."""
     out = ["| workload | target | measured | met |", "|---|---|---|---|"]
@@ -194,24 +229,25 @@ def targets(results: list[WorkloadResults]) -> list[str]:
 
     for w in results:
         c, default = w.compiled, w.default
-        served = w.throughput(default, 32)
-        row(w, "default `hybridserve serve`, c=32: / plain Ray Serve app >= 1.0",
-            _ratio(served, w.throughput(PLAIN_RAY, 32)), 1.0)
+
+        def versus(system: str, concurrency: int = 32, metric: str = "throughput", difference: bool = False):
+            return paired(w.rounds(default, concurrency, metric), w.rounds(system, concurrency, metric), difference)
+
+        row(w, "default `hybridserve serve`, c=32: / plain Ray Serve app >= 1.0", versus(PLAIN_RAY), 1.0)
         if w.compute_bound:
             row(w, f"default, c=32: / in-process limit ({w.default_backend}) >= 0.95",
-                _ratio(served, w.best_limit(w.default_backend)[1]), 0.95)
+                w.versus_limit(default, 32, w.default_backend), 0.95)
         else:
-            lit = w.throughput(LITSERVE, 32)
-            row(w, "default, c=32: / LitServe batched >= 1.0", _ratio(served, lit), 1.0)
-            noray = w.throughput(f"hybridserve no-ray ({c})", 32)
-            row(w, f"`--no-ray` ({c}), c=32: / LitServe batched >= 1.2", _ratio(noray, lit), 1.2)
-            row(w, f"`--no-ray` ({c}), c=32: / in-process {c} limit >= 0.5", _ratio(noray, w.best_limit(c)[1]), 0.5)
-            cpu, lit_cpu = w.cpu_ms(default, 32), w.cpu_ms(LITSERVE, 32)
-            row(w, "default, c=32: server CPU-ms/request / LitServe's <= 1.0", _ratio(cpu, lit_cpu), 1.0,
-                higher=False, detail=f" ({_num(cpu, 2)} vs {_num(lit_cpu, 2)} ms)")
-        p50, fastapi = w.p50(default, 1), w.p50(FASTAPI, 1)
+            noray = f"hybridserve no-ray ({c})"
+            row(w, "default, c=32: / LitServe batched >= 1.0", versus(LITSERVE), 1.0)
+            row(w, f"`--no-ray` ({c}), c=32: / LitServe batched >= 1.2",
+                paired(w.rounds(noray, 32), w.rounds(LITSERVE, 32)), 1.2)
+            row(w, f"`--no-ray` ({c}), c=32: / in-process {c} limit >= 0.5", w.versus_limit(noray, 32, c), 0.5)
+            row(w, "default, c=32: server CPU-ms/request / LitServe's <= 1.0",
+                versus(LITSERVE, metric="cpu_ms_per_request"), 1.0, higher=False,
+                detail=f" ({_num(w.cpu_ms(default, 32), 2)} vs {_num(w.cpu_ms(LITSERVE, 32), 2)} ms)")
         row(w, "default, c=1: p50 minus plain FastAPI's p50 <= 3 ms",
-            None if p50 is None or fastapi is None else p50 - fastapi, 3.0, higher=False, unit=" ms")
+            versus(FASTAPI, 1, "p50_ms", difference=True), 3.0, higher=False, unit=" ms")
     return out
 
 
@@ -221,14 +257,14 @@ def other_checks(results: list[WorkloadResults]) -> list[str]:
     for w in results:
         c = w.compiled
         if w.runs.get(f"hybridserve no-ray ({c}), batch 1"):
-            gain = _ratio(w.throughput(f"hybridserve no-ray ({c})", 32), w.throughput(f"hybridserve no-ray ({c}), batch 1", 32))
+            gain = paired(w.rounds(f"hybridserve no-ray ({c})", 32), w.rounds(f"hybridserve no-ray ({c}), batch 1", 32))
             out.append(f"| {w.name} | no-ray, {c}, c=32: dynamic batching / batch size 1 (goal >= 2) | {_num(gain, 2)}x |")
-            lit = _ratio(w.throughput(LITSERVE, 32), w.throughput("LitServe batch 1 (eager)", 32))
+            lit = paired(w.rounds(LITSERVE, 32), w.rounds("LitServe batch 1 (eager)", 32))
             out.append(f"| {w.name} | LitServe, c=32: its batching / batch size 1 | {_num(lit, 2)}x |")
         eager_ray = "hybridserve Ray (eager)"
         if w.default_backend != "eager" and w.runs.get(eager_ray) and not w.compute_bound:
-            eager = [_ratio(w.throughput(eager_ray, 32), w.throughput(LITSERVE, 32)),
-                     _ratio(w.cpu_ms(eager_ray, 32), w.cpu_ms(LITSERVE, 32))]
+            eager = [paired(w.rounds(eager_ray, 32, metric), w.rounds(LITSERVE, 32, metric))
+                     for metric in ("throughput", "cpu_ms_per_request")]
             out.append(f"| {w.name} | the default command on the spec served eager, c=32: / LitServe batched "
                        f"(both eager); server CPU-ms/request / LitServe's | {_num(eager[0], 2)}x; {_num(eager[1], 2)}x |")
         if w.starts:

@@ -2,8 +2,8 @@
 
 Per workload: in-process limit and compile table first (no server running), then cold/warm
 start in fresh processes, then every server started together and measured in interleaved
-rounds (each round visits every server at every concurrency, the order rotating), each with
-the other servers paused (SIGSTOP: an idle Ray cluster alone takes about 13% of a core here),
+rounds (each round measures the limit again with every server paused, then visits every server
+at every concurrency, the order rotating), each with the other servers paused (SIGSTOP: an idle Ray cluster alone takes about 13% of a core here),
 then stopped. The load generator (aiohttp, this process) and the servers share the machine's
 CPUs; every server and the in-process measurements run the spec's ``device.cpus`` torch threads.
 """
@@ -33,7 +33,7 @@ from benchmarks.report import Point, WorkloadResults
 from benchmarks.servers import ServerProcess, build_servers
 from benchmarks.workloads import ROOT, Workload, workloads, write_repository
 from hybridserve.models.weights import cache_dir
-from hybridserve.server.engine.runtime import configure_threads
+from hybridserve.server.engine.runtime import ModelRuntime, configure_threads
 
 PEERS = ["plain-ray", "fastapi", "litserve", "litserve-nobatch", "bentoml"]
 
@@ -55,7 +55,10 @@ def machine() -> list[str]:
             *[f"    {line}" for line in busiest_now()]]
 
 
-def measure_inprocess(w: Workload, results: WorkloadResults, args: argparse.Namespace, folder: Path) -> None:
+def measure_inprocess(w: Workload, results: WorkloadResults, args: argparse.Namespace,
+                      folder: Path) -> dict[str, ModelRuntime]:
+    """The limits, the compile table and the starts; returns the loaded runtimes for the rounds' limits."""
+    runtimes = {}
     seconds = 0.5 if args.quick else 2.0
     for backend in ("eager", w.compiled_backend):
         started = time.perf_counter()
@@ -65,8 +68,7 @@ def measure_inprocess(w: Workload, results: WorkloadResults, args: argparse.Name
         results.limit[backend] = inprocess.limit(runtime, w, seconds)
         results.pipeline_ms[backend] = 1000.0 * inprocess.pipeline_seconds(runtime, w, seconds)
         log(f"{w.name} {backend}: limit {results.best_limit(backend)}, one request {results.pipeline_ms[backend]:.2f} ms")
-        del runtime
-        gc.collect()
+        runtimes[backend] = runtime
     backends = ["eager", "aot"] if args.quick else ["eager", "inductor", "aot"]
     results.compile_ms = inprocess.compile_table(w, backends, 1 if args.quick else 3, seconds / 2)
     log(f"{w.name} compile table: {results.compile_ms}")
@@ -74,9 +76,11 @@ def measure_inprocess(w: Workload, results: WorkloadResults, args: argparse.Name
     if args.cold_start and (w.name == "classifier" or args.cold_start_all):
         results.starts = inprocess.cold_and_warm_start(w, w.compiled_backend, folder)
         log(f"{w.name} starts: {results.starts}")
+    return runtimes
 
 
-async def measure_servers(w: Workload, results: WorkloadResults, args: argparse.Namespace, folder: Path) -> None:
+async def measure_servers(w: Workload, results: WorkloadResults, args: argparse.Namespace, folder: Path,
+                          runtimes: dict[str, ModelRuntime]) -> None:
     compiled = w.compiled_backend
     adaptive = [w.spec_for(compiled, "slo")] if w.latency_slo_ms else []
     repositories = {
@@ -112,8 +116,15 @@ async def measure_servers(w: Workload, results: WorkloadResults, args: argparse.
             elif problem is not None:
                 results.failures[system.label] = problem
         seconds = w.seconds_per_point / (4 if args.quick else 1)
-        measured = None
         for round_index in range(args.rounds or (1 if args.quick else w.rounds)):
+            for server in servers.values():  # the limit again, alone on the machine, beside this round's servers
+                server.pause()
+            measured = None
+            for backend, runtime in runtimes.items():
+                results.round_limit.setdefault(backend, []).append(
+                    inprocess.round_limit(runtime, w, results.best_sizes(backend), 0.5 if args.quick else 2.0))
+            log(f"{w.name} round {round_index + 1} limits: "
+                + ", ".join(f"{b} {rates[-1]:.1f}/s" for b, rates in results.round_limit.items()))
             shift = round_index % max(1, len(live))
             for system in live[shift:] + live[:shift]:
                 if system.server != measured:  # the others paused: one server on the machine, as for the limit
@@ -212,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                                   f"`hybridserve serve`."]
         result = WorkloadResults(w.name, w.compiled_backend, w.compute_bound, header,
                                  default_backend=w.default_backend)
-        measure_inprocess(w, result, args, folder)
+        runtimes = measure_inprocess(w, result, args, folder)
         if not args.no_servers:
-            asyncio.run(measure_servers(w, result, args, folder / w.name))
+            asyncio.run(measure_servers(w, result, args, folder / w.name, runtimes))
+        del runtimes
+        gc.collect()
         result.header.append(f"Load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}.")
         result.save(args.results / f"{w.name}.json")
     saved = [args.results / f"{w.name}.json" for w in workloads()]

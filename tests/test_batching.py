@@ -65,7 +65,8 @@ def test_concurrent_items_form_batches_in_order_and_respect_the_maximum():
 
 def test_half_a_batch_starts_at_once_on_an_idle_model_and_the_rest_forms_behind_it():
     """The model and the event loop work side by side: a burst's first half computes while the loop
-    queues the rest, which goes as the next batch; nobody waits for the (long) wait budget."""
+    queues the rest; the next half batch waits at the model behind it, the rest goes when one of them
+    ends; nobody waits for the (long) wait budget."""
     run_batch, batches = recording_model(delay_s=0.05)
     batcher = AsyncBatcher(run_batch, max_batch_size=8, max_wait_ms=60_000)
 
@@ -76,7 +77,7 @@ def test_half_a_batch_starts_at_once_on_an_idle_model_and_the_rest_forms_behind_
         return await asyncio.wait_for(asyncio.gather(*first, *rest), 5.0)
 
     assert asyncio.run(scenario()) == [i * 10 for i in range(12)]
-    assert batches == [4, 8]
+    assert batches == [4, 4, 4]
 
 
 def test_before_a_hop_a_second_half_batch_travels_while_one_computes():
@@ -103,6 +104,32 @@ def test_before_a_hop_a_second_half_batch_travels_while_one_computes():
 
     assert asyncio.run(scenario()) == [i * 10 for i in range(10)]
     assert batches == [4, 4, 2] and most[0] == 2
+
+
+def test_in_process_the_next_batch_starts_when_one_ends_even_while_the_loop_is_busy():
+    """The second batch waits on the batch thread's queue: when the first ends, the thread starts it
+    at once, though the event loop (which would hear of the end) is busy with other work."""
+    spans: list[tuple[float, float]] = []
+
+    def run_batch(items):
+        started = time.monotonic()
+        time.sleep(0.3)
+        spans.append((started, time.monotonic()))
+        return [item * 10 for item in items]
+
+    batcher = AsyncBatcher(run_batch, max_batch_size=8, max_wait_ms=1000)
+
+    async def scenario():
+        first = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]  # half a batch: goes at once
+        await asyncio.sleep(0.05)
+        second = [asyncio.ensure_future(batcher.submit(i)) for i in range(4, 8)]  # half a batch behind it
+        await asyncio.sleep(0.05)
+        time.sleep(0.6)  # the loop is busy past the first batch's end
+        return await asyncio.wait_for(asyncio.gather(*first, *second), 10.0)
+
+    assert asyncio.run(scenario()) == [i * 10 for i in range(8)]
+    assert len(spans) == 2
+    assert spans[1][0] - spans[0][1] < 0.1  # one batch in flight would start it after the loop's 0.6 s
 
 
 def test_the_wait_budget_counts_from_the_oldest_item_even_behind_a_running_batch():

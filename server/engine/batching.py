@@ -8,11 +8,16 @@ this one computes, so the model and the event loop (parsing, preprocess, answers
 side instead of taking turns. A formed batch is handed to ``execute``, which starts it
 *somewhere* and returns an awaitable of its results:
 
-* ``AsyncBatcher`` (in-process): the model's forward on the batcher's own thread, one batch at a
-  time, so the event loop keeps decoding and queueing the next batch meanwhile;
+* ``AsyncBatcher`` (in-process): the model's forward on the batcher's own thread, so the event
+  loop keeps decoding and queueing meanwhile;
 * ``rayserve.remote.RayBatcher``: one Ray handle call per batch to the model's deployment (the
-  per-batch hop); a second batch (half a batch or more) may travel while one computes, so under load the replica
-  does not wait on the network.
+  per-batch hop).
+
+Either way ``BATCHES_IN_FLIGHT`` batches may be under way: while one computes, a second (half a
+batch or more) waits at the model (on the batch thread's queue, or travels to the replica), so
+the model starts it the moment the first ends, without waiting for the event loop to hear of
+it (a loop busy with requests answered that late; in-process, EfficientFormerV2-S0 eager at
+c=32 in a Ray replica: 30.1 -> 33.6 images/s, 4 interleaved rounds) nor for the network.
 
 With ``latency_slo_ms`` an ``AdaptiveBatchController`` re-chooses the batch size and wait after
 every batch (``max_batch_size`` is then the ceiling); otherwise, with ``tune``, a
@@ -35,6 +40,7 @@ from hybridserve.server.engine.runtime import batch_cost
 from hybridserve.server.engine.tuning import BatchSizeTuner
 
 Execute = Callable[[list[Any]], Awaitable[Sequence[Any]]]
+BATCHES_IN_FLIGHT = 2  # per model and batcher: the next batch waits at the model while one computes
 
 
 class Batcher:
@@ -171,7 +177,8 @@ class Batcher:
 
 
 class AsyncBatcher(Batcher):
-    """In-process: ``run_batch`` (a plain function) computes each batch on the batcher's own thread.
+    """In-process: ``run_batch`` (a plain function) computes each batch on the batcher's own thread;
+    the second batch in flight waits on that thread's queue.
 
     Batches get their own thread: in the shared default executor they would queue behind every
     request's preprocess and postprocess hops (a tail-latency source)."""
@@ -183,4 +190,4 @@ class AsyncBatcher(Batcher):
         def execute(entries: list[Any]) -> Awaitable[Sequence[Any]]:  # starts on the thread at once
             return asyncio.get_running_loop().run_in_executor(self._thread, run_batch, entries)
 
-        super().__init__(execute, max_batch_size, max_wait_ms, latency_slo_ms, tune=tune)
+        super().__init__(execute, max_batch_size, max_wait_ms, latency_slo_ms, BATCHES_IN_FLIGHT, tune)

@@ -25,12 +25,11 @@ from hybridserve.models import LoadedModel
 from hybridserve.server.core.errors import DeadlineExceeded, HybridServeError, ModelNotReady, as_hybridserve_error
 from hybridserve.server.core.images import ImageLimits
 from hybridserve.server.core.spec import ModelSpec
-from hybridserve.server.engine.batching import Batcher
+from hybridserve.server.engine.batching import BATCHES_IN_FLIGHT, Batcher
 from hybridserve.server.engine.runtime import BatchOutput, Entry, ModelState
 from hybridserve.server.tasks import TaskHandler, task_of
 
 INFO_TIMEOUT_S = 2.0
-BATCHES_IN_FLIGHT = 2  # per model and ingress replica: the next batch travels while one computes
 
 
 def to_arrays(value: Any) -> Any:

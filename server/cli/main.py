@@ -107,7 +107,9 @@ def _serve_local(specs, args: argparse.Namespace) -> int:
     # share one torch pool, and the event loop needs a core of its own on small machines.
     configure_threads(min(max(spec.device.cpus for spec in specs), os.cpu_count() or 1))
     settings = Settings.from_env()  # read once, passed down
-    plane = local_plane(specs, args.device, settings.limits, runtime_metrics)
+    # Pre/postprocess threads: the cores the models' threads leave (one at least; runtime.work_pool).
+    spare = (os.cpu_count() or 1) - sum(int(spec.device.cpus) for spec in specs)
+    plane = local_plane(specs, args.device, settings.limits, runtime_metrics, work_threads=spare)
 
     async def serve() -> None:
         grpc_server = None if args.grpc_port == 0 else await start_grpc_server(plane, settings, args.host, args.grpc_port)

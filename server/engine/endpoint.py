@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from typing import Protocol
 
 from hybridserve_client.schemas import BatchingInfo, ModelInfo
@@ -49,8 +50,10 @@ class LocalModel:
 
 
 class Endpoint:
-    def __init__(self, source: ModelSource, batcher: Batcher, observer: RuntimeObserver = NULL_OBSERVER):
+    def __init__(self, source: ModelSource, batcher: Batcher, observer: RuntimeObserver = NULL_OBSERVER,
+                 work: Executor | None = None):
         self.source = source
+        self.work = work  # the process's pre/postprocess threads (``runtime.work_pool``); None: asyncio's default
         self.spec = source.spec
         self.batcher = batcher
         self.observer = observer
@@ -76,6 +79,9 @@ class Endpoint:
                                     + (f": {state.reason}" if state.reason else ""), retry_after=1.0)
         return handler
 
+    def _off_loop(self, function, *args) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self.work, function, *args)
+
     async def infer(self, request: InferenceRequest, deadline: float | None) -> InferenceOutcome:
         """One request through the pipeline; ``deadline`` (``time.monotonic``) rides on its items."""
         handler = await self._handler()
@@ -83,7 +89,7 @@ class Endpoint:
         if handler.preprocess_inline(request):  # a small image: cheaper here than a thread hop
             prepared = handler.preprocess(request)
         else:
-            prepared = await asyncio.to_thread(handler.preprocess, request)
+            prepared = await self._off_loop(handler.preprocess, request)
         preprocessed = time.perf_counter()
         count = len(prepared.items)
         if self.in_flight_items + count > self.max_queue and self.in_flight_items > 0:
@@ -109,7 +115,7 @@ class Endpoint:
         if count == 1:  # one item: postprocess is cheap, no hand-off
             result = handler.postprocess(prepared, [outs[0].output])
         else:
-            result = await asyncio.to_thread(handler.postprocess, prepared, [o.output for o in outs])
+            result = await self._off_loop(handler.postprocess, prepared, [o.output for o in outs])
         finished = time.perf_counter()
         outcome = InferenceOutcome(
             result=result,

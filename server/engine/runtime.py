@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,16 @@ def configure_threads(cpus: float) -> int:
         pass
     os.environ["OMP_NUM_THREADS"] = str(threads)
     return threads
+
+
+def work_pool(threads: int = 1) -> ThreadPoolExecutor:
+    """The threads that preprocess and postprocess off the event loop, one pool per serving process.
+
+    One thread unless the process has CPUs to spare beyond its models' torch threads: every thread
+    in the pool contends for the GIL with the event loop and with the batch threads, whose eager
+    forward needs the GIL between ops. asyncio's default pool (CPUs + 4 threads) cost an eager
+    EfficientFormerV2-S0 15 % of its throughput in a 1-CPU replica (docs/performance.md)."""
+    return ThreadPoolExecutor(max(1, threads), thread_name_prefix="hybridserve-work")
 
 
 class ModelRuntime:

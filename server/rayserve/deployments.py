@@ -21,7 +21,7 @@ from hybridserve.server.core.spec import ModelSpec
 from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.engine.endpoint import Endpoint
 from hybridserve.server.engine.local import local_plane
-from hybridserve.server.engine.runtime import BatchOutput, ModelState, ModelRuntime, configure_threads
+from hybridserve.server.engine.runtime import BatchOutput, ModelState, ModelRuntime, configure_threads, work_pool
 from hybridserve.server.observability import metrics, runtime_metrics
 from hybridserve.server.rayserve.cluster import guard_draining
 from hybridserve.server.rayserve.options import GATEWAY
@@ -90,8 +90,9 @@ class Gateway(_Ingress):
         configure_threads(1)  # preprocess and postprocess only; the models compute in their replicas
         settings = Settings.from_env()
         self.specs = specs
+        work = work_pool()
         endpoints = {spec.name: Endpoint(RemoteModel(spec, handles[spec.name], settings.limits),
-                                         RayBatcher(spec, handles[spec.name]), runtime_metrics) for spec in specs}
+                                         RayBatcher(spec, handles[spec.name]), runtime_metrics, work) for spec in specs}
         self.init_services(DataPlane(endpoints), settings)
 
 

@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.loadgen import Target
+from benchmarks.loadgen import Target, server_processes
 from benchmarks.workloads import ROOT, Workload
 
 BENTOML_TOOLS = ROOT / ".venv" / "bench-tools" / "bentoml"
@@ -91,8 +91,9 @@ class ServerProcess:
         return False
 
     def pause(self) -> None:
-        """Stop every process of the server (SIGSTOP to its process group: Ray's daemons, replicas and
-        HAProxy too), so an idle server takes no CPU from the one being measured."""
+        """Stop every process of the server, so an idle server takes no CPU from the one being measured:
+        its whole session (Ray's actors, the replicas, Serve's controller and proxies, HAProxy, each
+        run in a process group of its own, stay in the server's session)."""
         self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
@@ -100,10 +101,11 @@ class ServerProcess:
 
     def _signal(self, sig: int) -> None:
         if self.process is not None and self.process.poll() is None:
-            try:
-                os.killpg(os.getpgid(self.process.pid), sig)
-            except ProcessLookupError:
-                pass
+            for process in server_processes(self.process.pid):
+                try:
+                    os.kill(process.pid, sig)
+                except ProcessLookupError:
+                    pass
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -121,6 +123,11 @@ class ServerProcess:
             os.killpg(group, signal.SIGKILL)  # what the server left behind in its own group
         except ProcessLookupError:
             pass
+        for process in server_processes(self.process.pid):  # and in its session, in groups of their own
+            try:
+                os.kill(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.process.wait(timeout=30)
 
     def tail(self, lines: int = 15) -> str:

@@ -128,8 +128,11 @@ def test_a_held_port_stays_taken_until_the_server_naming_it_starts(tmp_path):
 
 
 def test_a_paused_server_takes_no_cpu_until_it_resumes(tmp_path):
+    """Its children in process groups of their own (as Ray's actors run) pause with it."""
     spin = "import time\nwhile True: time.process_time()\n"
-    server = ServerProcess("spin", [sys.executable, "-c", spin], "http://127.0.0.1:9/", tmp_path / "spin.log")
+    spin_apart = f"import os, subprocess, sys; subprocess.Popen([sys.executable, '-c', {spin!r}], preexec_fn=os.setpgrp)"
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {spin_apart!r}]); time.sleep(600)"
+    server = ServerProcess("spin", [sys.executable, "-c", parent], "http://127.0.0.1:9/", tmp_path / "spin.log")
     server.start()
     try:
         def used_over(seconds: float) -> float:

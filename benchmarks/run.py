@@ -3,8 +3,8 @@
 Per workload: in-process limit and compile table first (no server running), then cold/warm
 start in fresh processes, then every server started together and measured in interleaved
 rounds (each round measures the limit again with every server paused, then visits every server
-at every concurrency, the order rotating), each with the other servers paused (SIGSTOP: an idle Ray cluster alone takes about 13% of a core here),
-then stopped. The load generator (aiohttp, this process) and the servers share the machine's
+at every concurrency, the order rotating), each with the other servers paused (SIGSTOP to their
+whole session: an idle Ray cluster alone takes about 13% of a core here), then stopped. The load generator (aiohttp, this process) and the servers share the machine's
 CPUs; every server and the in-process measurements run the spec's ``device.cpus`` torch threads.
 """
 

@@ -101,11 +101,15 @@ class ServerProcess:
 
     def _signal(self, sig: int) -> None:
         if self.process is not None and self.process.poll() is None:
-            for process in server_processes(self.process.pid):
-                try:
-                    os.kill(process.pid, sig)
-                except ProcessLookupError:
-                    pass
+            self._signal_session(sig)
+
+    def _signal_session(self, sig: int) -> None:
+        """``sig`` to every process of the server's session, each in whatever group it runs."""
+        for process in server_processes(self.process.pid):
+            try:
+                os.kill(process.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -123,11 +127,7 @@ class ServerProcess:
             os.killpg(group, signal.SIGKILL)  # what the server left behind in its own group
         except ProcessLookupError:
             pass
-        for process in server_processes(self.process.pid):  # and in its session, in groups of their own
-            try:
-                os.kill(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self._signal_session(signal.SIGKILL)  # and in its session, in groups of their own
         self.process.wait(timeout=30)
 
     def tail(self, lines: int = 15) -> str:

@@ -106,17 +106,23 @@ def test_before_a_hop_a_second_half_batch_travels_while_one_computes():
     assert batches == [4, 4, 2] and most[0] == 2
 
 
-def test_in_process_the_next_batch_starts_when_one_ends_even_while_the_loop_is_busy():
-    """The second batch waits on the batch thread's queue: when the first ends, the thread starts it
-    at once, though the event loop (which would hear of the end) is busy with other work."""
+def timed_model(delay_s: float):
+    """A model that computes each batch in ``delay_s`` and records when each batch ran."""
     spans: list[tuple[float, float]] = []
 
     def run_batch(items):
         started = time.monotonic()
-        time.sleep(0.3)
+        time.sleep(delay_s)
         spans.append((started, time.monotonic()))
         return [item * 10 for item in items]
 
+    return run_batch, spans
+
+
+def test_in_process_the_next_batch_starts_when_one_ends_even_while_the_loop_is_busy():
+    """The second batch waits on the batch thread's queue: when the first ends, the thread starts it
+    at once, though the event loop (which would hear of the end) is busy with other work."""
+    run_batch, spans = timed_model(0.3)
     batcher = AsyncBatcher(run_batch, max_batch_size=8, max_wait_ms=1000)
 
     async def scenario():
@@ -135,14 +141,7 @@ def test_in_process_the_next_batch_starts_when_one_ends_even_while_the_loop_is_b
 def test_the_wait_budget_counts_from_the_oldest_item_even_behind_a_running_batch():
     """Items that queued while a batch computed have waited already: when the model frees, they go
     at once rather than start a fresh ``max_wait_ms`` then."""
-    spans: list[tuple[float, float]] = []
-
-    def run_batch(items):
-        started = time.monotonic()
-        time.sleep(0.6)
-        spans.append((started, time.monotonic()))
-        return [item * 10 for item in items]
-
+    run_batch, spans = timed_model(0.6)
     batcher = AsyncBatcher(run_batch, max_batch_size=8, max_wait_ms=400)
 
     async def scenario():

@@ -148,6 +148,10 @@ class LocalServer:
     """``hybridserve serve --no-ray`` in a subprocess on free loopback ports (real HTTP and gRPC, no Ray)."""
 
     def __init__(self, repository: Path, env: dict[str, str] | None = None):
+        self.repository, self.env = repository, env
+        self._start()
+
+    def _start(self) -> None:
         import subprocess
         import sys
 
@@ -156,18 +160,24 @@ class LocalServer:
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hybridserve.server.cli.main", "serve", "--no-ray", "--host", "127.0.0.1",
-             "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--repository", str(repository)],
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+             "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--repository", str(self.repository)],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(self.env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
 
     def wait_live(self, timeout: float = 180) -> LocalServer:
+        """Answering /healthz; started again on fresh ports (3 tries) when another process took a picked one."""
         import httpx
 
-        deadline = time.monotonic() + timeout
+        deadline, tries = time.monotonic() + timeout, 0
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read()}")
+                output = self.process.stdout.read()
+                if "address already in use" not in output.lower() or tries == 3:
+                    raise RuntimeError(f"server exited: {output}")
+                tries += 1
+                self._start()
+                continue
             try:
                 httpx.get(f"{self.url}/healthz", timeout=2)
                 return self

@@ -9,8 +9,8 @@ SIGUSR1; Ray's manager notices within seconds and starts a new one). For each:
 * every request gets an HTTP answer: 200, or 503/504 with ``Retry-After`` and the JSON error
   body. As the SDK does (``ConnectionFailed`` is retried), the generator retries a connection
   refused while no HAProxy listens (nothing was sent) and, up to 3 times with backoff, a
-  connection closed with no answer at all (HAProxy drops some of the requests in flight on a
-  gateway replica that dies);
+  connection closed before a whole answer (HAProxy drops some of the requests in flight on a
+  gateway replica that dies, and cuts the body of one whose gateway died mid-write);
 * none is answered later than its deadline plus a second, from the attempt that was accepted;
 * the server is ready again (``/readyz`` 200 and answering 200) within ``RECOVERY_S``;
 * the counts add up: requests sent = answers received, and, where the gateway that counts them
@@ -91,10 +91,12 @@ class Load:
                     self.cut.append("refused for longer than the recovery bound")
                     return
                 await asyncio.sleep(0.2)
-            except aiohttp.ServerDisconnectedError:  # closed with no answer: retried as the SDK does (3 times, backoff)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
+                # Closed before a whole answer (none, or headers and part of the body from a gateway killed as it
+                # wrote): retried as the SDK does (httpx's incomplete-body error is a TransportError), 3 times.
                 self.reset += 1
                 if resets == 3:
-                    self.cut.append("closed without an answer 4 times")
+                    self.cut.append("closed before a whole answer 4 times")
                     return
                 await asyncio.sleep(0.5 * 2**resets)
                 resets += 1
@@ -140,7 +142,7 @@ def wait_ready(server: RayServer, since: float, replaced: set[int] = frozenset()
 def check(load: Load, phase: str) -> Counter:
     statuses = Counter(status for _, status, _, _, _ in load.answers)
     print(f"{phase}: sent {load.sent}, answered {len(load.answers)}, refused connects retried {load.refused}, "
-          f"closed without an answer and retried {load.reset}, "
+          f"closed before a whole answer and retried {load.reset}, "
           f"statuses {dict(statuses)}, slowest {max(a[3] for a in load.answers):.2f}s")
     assert not load.cut, f"{phase}: requests left without an answer: {Counter(load.cut)}"
     assert load.sent == len(load.answers), phase

@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
+import re
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -214,6 +217,47 @@ def test_connection_refused_is_retried_then_connection_failed():
         with pytest.raises(ConnectionFailed) as caught:
             client.classify("classifier", b"\x89PNG\r\n\x1a\n")
     assert caught.value.retryable and caught.value.request_id
+
+
+def cutting_server(cuts: int) -> tuple[socket.socket, list[int]]:
+    """A raw HTTP server whose first ``cuts`` answers stop mid-body (a gateway killed as it wrote), then whole ones."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    answered: list[int] = []
+    whole = json.dumps({"model": "classifier", **OK_BODY}).encode()
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += connection.recv(65536)
+                head, body = request.split(b"\r\n\r\n", 1)
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                while len(body) < length:
+                    body += connection.recv(65536)
+                answered.append(len(body))
+                cut = len(answered) <= cuts
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(whole), whole[:10] if cut else whole))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, answered
+
+
+def test_an_answer_cut_mid_body_is_retried(image):
+    listener, answered = cutting_server(cuts=2)
+    with listener, Client(f"http://127.0.0.1:{listener.getsockname()[1]}", retries=3, backoff=0.01) as client:
+        assert client.classify("classifier", image).top1.label == "cat"
+    assert len(answered) == 3 and set(answered) == {answered[0]}, "each retry sends the whole request again"
+    listener, answered = cutting_server(cuts=5)
+    with listener, Client(f"http://127.0.0.1:{listener.getsockname()[1]}", retries=1, backoff=0.01) as client:
+        with pytest.raises(ConnectionFailed) as caught:
+            client.classify("classifier", image)
+    assert caught.value.retryable and len(answered) == 2
 
 
 def test_unreachable_grpc_server_is_unavailable():

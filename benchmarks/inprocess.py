@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import statistics
@@ -27,6 +28,7 @@ import torch
 
 from benchmarks.workloads import ROOT, Workload, write_repository
 from hybridserve.server.tasks import TASKS, InferenceRequest, Options
+from hybridserve.server.engine.cores import PIN_ENV
 from hybridserve.server.engine.runtime import ModelRuntime, configure_threads
 from hybridserve.server.engine.tuning import candidate_sizes
 from hybridserve.server.core.spec import ModelSpec
@@ -45,15 +47,32 @@ def _request(workload: Workload) -> InferenceRequest:
     return InferenceRequest(image=base64.b64decode(json.loads(workload.payload)["image"]))
 
 
+@contextlib.contextmanager
+def pinned(threads: int):
+    """This thread on the highest-numbered ``threads`` cores while it measures, as a server pins its
+    batch threads (server/engine/cores.py); as it was afterwards."""
+    allowed = os.sched_getaffinity(0)
+    if threads >= len(allowed) or os.environ.get(PIN_ENV, "1") == "0":
+        yield
+        return
+    os.sched_setaffinity(0, sorted(allowed)[-threads:])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 def seconds_per_call(call, min_calls: int, min_seconds: float) -> float:
-    """Median wall time of ``call()`` after one warm call, over at least ``min_calls`` and ``min_seconds``."""
-    call()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - started < min_seconds:
-        begin = time.perf_counter()
+    """Median wall time of ``call()`` after one warm call, over at least ``min_calls`` and ``min_seconds``,
+    on the cores a server would pin the model's batch thread to."""
+    with pinned(torch.get_num_threads()):
         call()
-        times.append(time.perf_counter() - begin)
+        times: list[float] = []
+        started = time.perf_counter()
+        while len(times) < min_calls or time.perf_counter() - started < min_seconds:
+            begin = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - begin)
     return statistics.median(times)
 
 

@@ -219,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                                   f"batches with max_batch_size {batching.max_batch_size}, max_wait_ms "
                                   f"{batching.max_wait_ms:g} (LitServe batch_timeout, BentoML max_batch_size, "
                                   f"Ray Serve's @serve.batch) and runs {w.threads} torch thread(s), the spec's "
-                                  f"device.cpus, as does the in-process limit. \"hybridserve Ray\" is the default "
-                                  f"`hybridserve serve`."]
+                                  f"device.cpus, as does the in-process limit. hybridserve pins each model's batch "
+                                  f"thread to cores of its own, and the limit's forward likewise; the other servers "
+                                  f"run as written. \"hybridserve Ray\" is the default `hybridserve serve`."]
         result = WorkloadResults(w.name, w.compiled_backend, w.compute_bound, header,
                                  default_backend=w.default_backend)
         runtimes = measure_inprocess(w, result, args, folder)

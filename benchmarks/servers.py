@@ -24,6 +24,7 @@ from pathlib import Path
 
 from benchmarks.loadgen import Target, server_processes
 from benchmarks.workloads import ROOT, Workload
+from hybridserve.server.engine.cores import LOCKS_ENV
 
 BENTOML_TOOLS = ROOT / ".venv" / "bench-tools" / "bentoml"
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -174,8 +175,9 @@ def build_servers(workload: Workload, repositories: dict[str, Path], eager_spec:
     def hybridserve(name: str, repository: str, *extra: str) -> ServerProcess:
         command = [python, "-m", "hybridserve.server.cli.main", "serve", "--repository", str(repositories[repository]),
                    "--host", "127.0.0.1", "--port", str(ports[name]), "--grpc-port", str(free_port()), *extra]
-        return ServerProcess(name, command, url[name] + "/readyz", logs / f"{name}.log", threads,
-                             ray="--no-ray" not in extra)
+        # Each its own core claims: one server runs at a time, and each pins as it would alone on the machine.
+        return ServerProcess(name, command, url[name] + "/readyz", logs / f"{name}.log",
+                             {**threads, LOCKS_ENV: str(logs / f"{name}-cores")}, ray="--no-ray" not in extra)
 
     peer = [python, "-m", "benchmarks.peers"]
     servers = {

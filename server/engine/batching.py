@@ -32,10 +32,10 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hybridserve.server.engine.adaptive import AdaptiveBatchController, BatchingChoice
+from hybridserve.server.engine.cores import batch_thread
 from hybridserve.server.engine.runtime import batch_cost
 from hybridserve.server.engine.tuning import BatchSizeTuner
 
@@ -181,11 +181,12 @@ class AsyncBatcher(Batcher):
     the second batch in flight waits on that thread's queue.
 
     Batches get their own thread: in the shared default executor they would queue behind every
-    request's preprocess and postprocess hops (a tail-latency source)."""
+    request's preprocess and postprocess hops (a tail-latency source). With ``pin`` (the model's
+    torch threads) that thread runs on as many cores of its own where they are free (``cores``)."""
 
     def __init__(self, run_batch: Callable[[Sequence[Any]], list[Any]], max_batch_size: int, max_wait_ms: float,
-                 latency_slo_ms: float | None = None, tune: bool = False):
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
+                 latency_slo_ms: float | None = None, tune: bool = False, pin: int = 0):
+        self._thread, self.cores = batch_thread(pin)
 
         def execute(entries: list[Any]) -> Awaitable[Sequence[Any]]:  # starts on the thread at once
             return asyncio.get_running_loop().run_in_executor(self._thread, run_batch, entries)

@@ -15,7 +15,7 @@ from hybridserve.server.engine.batching import AsyncBatcher
 from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.engine.endpoint import Endpoint, LocalModel
 from hybridserve.server.engine.observer import NULL_OBSERVER, RuntimeObserver
-from hybridserve.server.engine.runtime import ModelRuntime, work_pool
+from hybridserve.server.engine.runtime import ModelRuntime, model_threads, work_pool
 
 
 def local_endpoint(spec: ModelSpec, device: str | None = None, limits: ImageLimits | None = None,
@@ -25,7 +25,7 @@ def local_endpoint(spec: ModelSpec, device: str | None = None, limits: ImageLimi
     runtime.load()
     batching = spec.batching
     batcher = AsyncBatcher(runtime.run_batch, batching.max_batch_size, batching.max_wait_ms, batching.latency_slo_ms,
-                           tune=batching.tune)
+                           tune=batching.tune, pin=model_threads(spec))
     return Endpoint(LocalModel(runtime), batcher, observer, work)
 
 

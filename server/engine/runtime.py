@@ -90,6 +90,11 @@ class InferenceOutcome:
     timings: dict[str, float]
 
 
+def model_threads(spec: ModelSpec) -> int:
+    """Torch threads a model computes on: its spec's CPUs, at least one."""
+    return max(1, int(spec.device.cpus))
+
+
 def configure_threads(cpus: float) -> int:
     """Pin torch's intra-op threads to the CPUs this replica owns (oversubscription is ruinous)."""
     threads = max(1, int(cpus))

@@ -11,17 +11,19 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 
 from hybridserve.server.core.settings import Settings
 from hybridserve.server.core.spec import ModelSpec
+from hybridserve.server.engine.cores import batch_thread
 from hybridserve.server.engine.dataplane import DataPlane
 from hybridserve.server.engine.endpoint import Endpoint
 from hybridserve.server.engine.local import local_plane
-from hybridserve.server.engine.runtime import BatchOutput, ModelState, ModelRuntime, configure_threads, work_pool
+from hybridserve.server.engine.runtime import (
+    BatchOutput, ModelState, ModelRuntime, configure_threads, model_threads, work_pool,
+)
 from hybridserve.server.observability import metrics, runtime_metrics
 from hybridserve.server.rayserve.cluster import guard_draining
 from hybridserve.server.rayserve.options import GATEWAY
@@ -49,8 +51,9 @@ class ModelDeployment:
         self.spec = spec
         self.runtime = ModelRuntime(spec, device, Settings.from_env().limits, runtime_metrics)
         await asyncio.to_thread(self.runtime.load)  # the replica's loop stays free for Serve's calls
-        # Batches run on their own thread, one at a time, while the replica's loop takes the next call.
-        self._batch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-batch")
+        # Batches run on their own thread (on cores of its own where free: engine/cores.py), one at a
+        # time, while the replica's loop takes the next call.
+        self._batch_thread, _ = batch_thread(model_threads(spec))
 
     async def describe(self) -> tuple[ModelState, dict | None]:
         """How the model stands, and (once ready) the traits an ingress builds its handler from."""

@@ -42,27 +42,37 @@ def claim_cores(count: int) -> tuple[int, ...] | None:
     allowed = sorted(os.sched_getaffinity(0), reverse=True)
     if os.environ.get(PIN_ENV, "1") == "0" or count < 1 or count >= len(allowed):
         return None
-    folder = locks_folder()
-    folder.mkdir(parents=True, exist_ok=True)
     taken: list[int] = []
     for core in allowed:
         if len(taken) == count:
             break
-        if core in _held:
-            continue
-        fd = os.open(folder / f"core-{core}", os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another process holds it
-            os.close(fd)
-            continue
-        _held[core] = fd
-        taken.append(core)
+        if core not in _held and _lock(core):
+            taken.append(core)
     if len(taken) < count:
         _release(taken)
-        log.info("fewer than %d free cores to pin a batch thread to; it runs unpinned", count)
+        log.info("fewer than %d free cores to pin a batch thread to (claims in %s); it runs unpinned",
+                 count, locks_folder())
         return None
     return tuple(sorted(taken))
+
+
+def _lock(core: int) -> bool:
+    """Claim ``core`` for this process: False where another process holds it or the folder is not ours to use."""
+    try:
+        folder = locks_folder()
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o1777)  # like /tmp: every user's processes claim here (flock needs only read access)
+        fd = os.open(folder / f"core-{core}", os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:  # another user's folder or file: pin nothing rather than fail the model
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # another process holds it
+        os.close(fd)
+        return False
+    _held[core] = fd
+    return True
 
 
 def _release(cores: tuple[int, ...] | list[int]) -> None:

@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.workloads import ROOT, Workload, write_repository
 from hybridserve.server.tasks import TASKS, InferenceRequest, Options
-from hybridserve.server.engine.cores import PIN_ENV
+from hybridserve.server.engine.cores import pinning_on
 from hybridserve.server.engine.runtime import ModelRuntime, configure_threads
 from hybridserve.server.engine.tuning import candidate_sizes
 from hybridserve.server.core.spec import ModelSpec
@@ -52,7 +52,7 @@ def pinned(threads: int):
     """This thread on the highest-numbered ``threads`` cores while it measures, as a server pins its
     batch threads (server/engine/cores.py); as it was afterwards."""
     allowed = os.sched_getaffinity(0)
-    if threads >= len(allowed) or os.environ.get(PIN_ENV, "1") == "0":
+    if threads >= len(allowed) or not pinning_on():
         yield
         return
     os.sched_setaffinity(0, sorted(allowed)[-threads:])

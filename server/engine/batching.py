@@ -182,11 +182,11 @@ class AsyncBatcher(Batcher):
 
     Batches get their own thread: in the shared default executor they would queue behind every
     request's preprocess and postprocess hops (a tail-latency source). With ``pin`` (the model's
-    torch threads) that thread runs on as many cores of its own where they are free (``cores``)."""
+    torch threads) that thread runs on as many cores of its own where they are free (engine/cores.py)."""
 
     def __init__(self, run_batch: Callable[[Sequence[Any]], list[Any]], max_batch_size: int, max_wait_ms: float,
                  latency_slo_ms: float | None = None, tune: bool = False, pin: int = 0):
-        self._thread, self.cores = batch_thread(pin)
+        self._thread, _ = batch_thread(pin)
 
         def execute(entries: list[Any]) -> Awaitable[Sequence[Any]]:  # starts on the thread at once
             return asyncio.get_running_loop().run_in_executor(self._thread, run_batch, entries)

@@ -33,6 +33,10 @@ LOCKS_ENV = "HYBRIDSERVE_CORE_LOCKS"
 _held: dict[int, int] = {}  # core -> the open lock file's descriptor, for the life of the process
 
 
+def pinning_on() -> bool:
+    return os.environ.get(PIN_ENV, "1") != "0"
+
+
 def locks_folder() -> Path:
     return Path(os.environ.get(LOCKS_ENV) or Path(tempfile.gettempdir()) / "hybridserve-cores")
 
@@ -40,7 +44,7 @@ def locks_folder() -> Path:
 def claim_cores(count: int) -> tuple[int, ...] | None:
     """``count`` cores of this process's allowed set that no other claim holds, or None (pin nothing)."""
     allowed = sorted(os.sched_getaffinity(0), reverse=True)
-    if os.environ.get(PIN_ENV, "1") == "0" or count < 1 or count >= len(allowed):
+    if not pinning_on() or count < 1 or count >= len(allowed):
         return None
     taken: list[int] = []
     for core in allowed:
